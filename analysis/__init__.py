@@ -1,0 +1,1 @@
+"""Analyses of refusal directions across modalities; each returns a labeled `xarray.Dataset`."""

@@ -1,0 +1,173 @@
+"""Streaming activation capture through nnsight.
+
+`collect_activations` runs prompts in batches, one nnsight trace per batch, reads every
+requested decoder layer's output at the requested positions in a single forward (stopping
+the forward after the last requested layer), and either accumulates float64 running sums
+(memory independent of the number of prompts) or returns per-prompt activations.
+
+Positions are negative column indices into the left-padded batch: "post" means the
+post-instruction tokens `batch.post_positions` (e.g. `(-5, ..., -1)`), "last" means `(-1,)`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import nnsight
+import numpy as np
+import torch
+import xarray as xr
+
+from .errors import InputError, MarsError
+from .model import MarsModel, PromptBatch
+from .provenance import make_provenance, sha256_text
+
+
+def resolve_layers(mm: MarsModel, layers: Sequence[int] | int | None) -> list[int]:
+    """Sorted unique layer indices (negative ones count from the end); all layers if None."""
+    if layers is None:
+        return list(range(mm.n_layers))
+    if isinstance(layers, int):
+        layers = [layers]
+    out = []
+    for layer in layers:
+        li = int(layer)
+        if not -mm.n_layers <= li < mm.n_layers:
+            raise InputError(f"layer {layer} is out of range for a model with {mm.n_layers} layers")
+        out.append(li % mm.n_layers)
+    return sorted(set(out))
+
+
+def resolve_positions(batch: PromptBatch, positions: str | Sequence[int]) -> tuple[int, ...]:
+    """Negative column indices for `positions` ("post", "last" or explicit negative ints)."""
+    if positions == "post":
+        return batch.post_positions
+    if positions == "last":
+        return (-1,)
+    if isinstance(positions, str):
+        raise InputError(f"positions={positions!r}; use 'post', 'last' or a tuple of negative ints")
+    pos = tuple(int(p) for p in positions)
+    if not pos or any(p >= 0 for p in pos) or any(p < -batch.seq_len for p in pos):
+        raise InputError(
+            f"positions {pos} must be non-empty negative column indices (-1 is the last prompt token) "
+            f"within the batch length {batch.seq_len}"
+        )
+    return pos
+
+
+def _read(mm: MarsModel, batch: PromptBatch, layers: list[int], pos: tuple[int, ...], reduce: str, remote: bool):
+    """One trace: per layer, the sum over rows (float64) or the rows (float32) at `pos`."""
+    idx = list(pos)
+    with mm.nn.trace(batch.inputs, remote=remote) as tracer:
+        got = []
+        for layer in layers:
+            h = mm.layers[layer].output[:, idx]  # [batch, n_pos, d_model]
+            if reduce == "mean":
+                got.append(h.to(torch.float64).sum(0))  # [n_pos, d_model]
+            else:
+                got.append(h.to(torch.float32))
+        got = nnsight.save(got)
+        if layers[-1] < mm.n_layers - 1:
+            tracer.stop()
+    return [g.detach().cpu() for g in got]
+
+
+def collect_activations(
+    mm: MarsModel,
+    texts: Sequence[str],
+    images: Sequence[Any] | None = None,
+    videos: Sequence[Any] | None = None,
+    *,
+    layers: Sequence[int] | int | None = None,
+    positions: str | Sequence[int] = "post",
+    reduce: str = "mean",
+    batch_size: int = 8,
+    progress: bool | None = None,
+    remote: bool = False,
+) -> xr.Dataset:
+    """Residual-stream activations of the language backbone at `layers` x `positions`.
+
+    reduce="mean": returns vars `sum` `[layer, pos, d_model]` float64, `count` (prompts) and
+        `mean` = sum / count; memory does not grow with the number of prompts.
+    reduce="none": returns var `acts` `[prompt, layer, pos, d_model]` float32.
+    Coordinates: `layer` (ints), `pos` (negative column indices), `prompt` (0..n-1).
+    Attributes: provenance (model id / config hash, mars version, dtype, prompt hash,
+    modality, n_prompts).
+    Raises InputError for empty prompt lists or bad layers/positions, MarsError when an
+    activation is not finite.
+    """
+    if reduce not in ("mean", "none"):
+        raise InputError(f"reduce={reduce!r}; use 'mean' or 'none'")
+    texts = list(texts)
+    if not texts:
+        raise InputError("the prompt list is empty; give at least one prompt")
+    if batch_size < 1:
+        raise InputError(f"batch_size={batch_size}; must be >= 1")
+    layer_idx = resolve_layers(mm, layers)
+    starts = range(0, len(texts), batch_size)
+    if progress is None:
+        progress = len(starts) > 4
+    if progress:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc=f"capture {len(texts)} prompts", unit="batch")
+
+    sums: list[torch.Tensor] | None = None
+    rows: list[list[torch.Tensor]] = [[] for _ in layer_idx]
+    pos_ref: tuple[int, ...] | None = None
+    modality = "text"
+    for s in starts:
+        sl = slice(s, s + batch_size)
+        batch = mm.build_batch(
+            texts[sl],
+            images=None if images is None else list(images)[sl],
+            videos=None if videos is None else list(videos)[sl],
+        )
+        modality = batch.modality
+        pos = resolve_positions(batch, positions)
+        if pos_ref is None:
+            pos_ref = pos
+        elif pos != pos_ref:
+            raise MarsError(f"positions changed between batches ({pos_ref} vs {pos}); pass explicit positions")
+        got = _read(mm, batch, layer_idx, pos, reduce, remote)
+        for layer, g in zip(layer_idx, got):
+            if not torch.isfinite(g).all():
+                raise MarsError(
+                    f"non-finite activations at layer {layer} for prompts {s}..{s + len(batch) - 1}; "
+                    "the model produced NaN/inf (try float32 instead of float16, or check the weights)"
+                )
+        if reduce == "mean":
+            sums = got if sums is None else [a + b for a, b in zip(sums, got)]
+        else:
+            for r, g in zip(rows, got):
+                r.append(g)
+
+    assert pos_ref is not None
+    attrs = make_provenance(
+        **mm.provenance(),
+        modality=modality,
+        n_prompts=len(texts),
+        prompt_sha256=sha256_text(texts),
+        positions=list(pos_ref),
+    )
+    coords = {"layer": layer_idx, "pos": list(pos_ref)}
+    if reduce == "mean":
+        total = torch.stack(sums).numpy()  # [layer, pos, d_model]
+        ds = xr.Dataset(
+            {
+                "sum": (("layer", "pos", "d_model"), total),
+                "count": ((), np.int64(len(texts))),
+                "mean": (("layer", "pos", "d_model"), total / len(texts)),
+            },
+            coords=coords,
+            attrs=attrs,
+        )
+    else:
+        acts = torch.stack([torch.cat(r, 0) for r in rows], 1).numpy()  # [prompt, layer, pos, d]
+        ds = xr.Dataset(
+            {"acts": (("prompt", "layer", "pos", "d_model"), acts)},
+            coords={**coords, "prompt": np.arange(len(texts))},
+            attrs=attrs,
+        )
+    ds["d_model"] = np.arange(mm.d_model)
+    return ds
