@@ -13,7 +13,7 @@ from .errors import (
     MarsError,
     UnsupportedArchitectureError,
 )
-from .families import Family, families, family_for_config, get_family, register_family
+from .families import Family, families, family_for_config, get_family, register_family, unregister_family
 from .model import MarsModel, PromptBatch, load_model
 from .capture import collect_activations
 
@@ -29,6 +29,7 @@ __all__ = [
     "family_for_config",
     "get_family",
     "register_family",
+    "unregister_family",
     "MarsModel",
     "PromptBatch",
     "load_model",

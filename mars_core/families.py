@@ -68,6 +68,11 @@ def register_family(family: Family, *, overwrite: bool = False) -> Family:
     return family
 
 
+def unregister_family(name: str) -> Family:
+    """Remove and return the family called `name` (KeyError if absent)."""
+    return _REGISTRY.pop(name)
+
+
 def families() -> dict[str, Family]:
     """A copy of the registry: name -> Family."""
     return dict(_REGISTRY)
