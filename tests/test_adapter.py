@@ -18,6 +18,7 @@ from mars_core.testing import (
     FAMILIES_TEXT,
     VIDEO_FAMILIES,
     build_tiny,
+    build_tiny_uncached,
     make_image,
     make_video,
 )
@@ -190,3 +191,26 @@ def test_mean_reduce_equals_mean_of_rows():
     assert abs(mean["mean"].values - ref).max() < 1e-5
     assert mean.attrs["n_prompts"] == len(texts) and mean.attrs["family"] == "qwen2_5_vl"
     assert mean.attrs["mars_version"] == mars_core.__version__ and mean.attrs["created"]
+
+
+def test_nan_activations_are_refused():
+    tiny = build_tiny_uncached("llama")  # a private copy: its weights are spoiled below
+    mm = load_model(tiny.model, tiny.tokenizer)
+    with torch.no_grad():
+        _get_path(mm.hf, mm.family.layers_path)[1].mlp.down_proj.weight.fill_(float("nan"))
+    with pytest.raises(mars_core.MarsError, match="non-finite activations at layer 1"):
+        collect_activations(mm, TEXTS)
+    # layers before the spoiled one are still fine
+    ds = collect_activations(mm, TEXTS, layers=[0])
+    assert bool(abs(ds["mean"]).sum() > 0)
+
+
+def test_bad_layers_and_positions():
+    tiny = build_tiny("gemma3")
+    mm = load_model(tiny.model, tiny.processor)
+    with pytest.raises(InputError, match="out of range"):
+        collect_activations(mm, TEXTS, layers=[mm.n_layers])
+    with pytest.raises(InputError, match="negative column"):
+        collect_activations(mm, TEXTS, positions=(0,))
+    ds = collect_activations(mm, TEXTS, layers=[-1], positions=(-2, -1))
+    assert list(ds.layer.values) == [mm.n_layers - 1] and list(ds.pos.values) == [-2, -1]
