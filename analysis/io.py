@@ -1,0 +1,141 @@
+"""NetCDF save/load of analysis Datasets with an exact round trip.
+
+NetCDF attributes hold only strings, numbers and 1-D numeric arrays, and h5netcdf refuses
+booleans. `save_dataset` therefore JSON-encodes every other attribute value (bool, None,
+list, dict, arrays) and records in one global attribute, `mars_io_encoding`, which attributes
+were encoded and the exact dtype of string and time variables. `load_dataset` undoes this, so
+`load_dataset(save_dataset(ds, p)).identical(ds)`. Tuples come back as lists.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import xarray as xr
+
+from mars_core.errors import ArtifactError
+from mars_core.provenance import atomic_path
+
+ENGINE = "h5netcdf"
+META_KEY = "mars_io_encoding"
+_GLOBAL = ""  # key of the Dataset's own attrs in the metadata
+_INT64 = (-(2**63), 2**63)
+
+
+def _encode_attr(value: Any) -> tuple[Any, Any]:
+    """(stored value, tag); tag None means stored as is."""
+    if isinstance(value, str):
+        return str(value), None
+    if isinstance(value, (bool, np.bool_)) or value is None:
+        return json.dumps(bool(value) if value is not None else None), "json"
+    if isinstance(value, int) and _INT64[0] <= value < _INT64[1]:
+        return value, None
+    if isinstance(value, float):
+        return value, None
+    if isinstance(value, np.generic) and value.dtype.kind in "iuf":
+        return value, ["scalar", value.dtype.str]
+    if isinstance(value, np.ndarray) and value.dtype.kind in "biufUSO":
+        return json.dumps(value.tolist()), ["ndarray", value.dtype.str, list(value.shape)]
+    try:
+        return json.dumps(value), "json"
+    except (TypeError, ValueError) as e:
+        raise TypeError(
+            f"attribute value {value!r} of type {type(value).__name__} cannot be saved to "
+            "NetCDF exactly; use str, int, float, bool, None, numpy arrays or JSON-able "
+            "lists/dicts"
+        ) from e
+
+
+def _decode_attr(value: Any, tag: Any) -> Any:
+    if tag is None:
+        return value.item() if isinstance(value, np.generic) else value
+    if tag == "json":
+        return json.loads(value)
+    if tag[0] == "scalar":
+        return np.dtype(tag[1]).type(value)
+    if tag[0] == "ndarray":
+        return np.asarray(json.loads(value), dtype=np.dtype(tag[1])).reshape(tag[2])
+    raise ArtifactError(f"unknown attribute encoding {tag!r}; file written by a newer version?")
+
+
+def _encode_attrs(attrs: dict, tags: dict, name: str) -> dict:
+    out, mine = {}, {}
+    for k, v in attrs.items():
+        out[k], tag = _encode_attr(v)
+        if tag is not None:
+            mine[k] = tag
+    if mine:
+        tags[name] = mine
+    return out
+
+
+def save_dataset(ds: xr.Dataset, path: str | os.PathLike) -> Path:
+    """Write `ds` to `path` as NetCDF-4 (h5netcdf), atomically; returns the path."""
+    if not isinstance(ds, xr.Dataset):
+        raise TypeError(f"save_dataset expects an xarray.Dataset, got {type(ds).__name__}")
+    if META_KEY in ds.attrs:
+        raise ValueError(f"attribute name {META_KEY!r} is reserved by analysis.io")
+    tags: dict[str, dict] = {}
+    dtypes, times = {}, []
+    out = ds.copy(deep=False)
+    for name, var in ds.variables.items():
+        out.variables[name].attrs = _encode_attrs(var.attrs, tags, str(name))
+        if var.dtype.kind in "OUS":
+            dtypes[str(name)] = var.dtype.str
+        elif var.dtype.kind in "mM":
+            times.append(str(name))
+    out.attrs = _encode_attrs(ds.attrs, tags, _GLOBAL)
+    out.attrs[META_KEY] = json.dumps({"version": 1, "attrs": tags, "dtypes": dtypes,
+                                      "times": times}, sort_keys=True)
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        out.to_netcdf(tmp, engine=ENGINE)
+    return path
+
+
+def _restore(ds: xr.Dataset, meta: dict) -> xr.Dataset:
+    if meta.get("version") != 1:
+        raise ArtifactError(f"unknown {META_KEY} version {meta.get('version')!r}")
+    if meta["times"]:
+        ds = xr.decode_cf(ds, decode_times={n: n in meta["times"] for n in ds.variables},
+                          decode_timedelta={n: n in meta["times"] for n in ds.variables})
+    for name, dt in meta["dtypes"].items():
+        ds = ds.assign_coords({name: ds[name].astype(dt)}) if name in ds.coords else \
+            ds.assign({name: ds[name].astype(dt)})
+    for name, var in ds.variables.items():
+        tags = meta["attrs"].get(str(name), {})
+        var.attrs = {k: _decode_attr(v, tags.get(k)) for k, v in var.attrs.items()}
+    tags = meta["attrs"].get(_GLOBAL, {})
+    ds.attrs = {k: _decode_attr(v, tags.get(k)) for k, v in ds.attrs.items()}
+    return ds
+
+
+def load_dataset(path: str | os.PathLike) -> xr.Dataset:
+    """Read a Dataset written by `save_dataset`, fully into memory (the file is closed).
+
+    Raises `ArtifactError` if the file is missing or is not a readable NetCDF file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"dataset file {path} does not exist; run the analysis that "
+                            "writes it (e.g. `mars analyze`) or check the path")
+    try:
+        ds = xr.load_dataset(path, engine=ENGINE, decode_times=False, decode_timedelta=False)
+    except ImportError:
+        raise
+    except Exception as e:  # h5py/h5netcdf raise OSError, ValueError, KeyError, ...
+        raise ArtifactError(f"dataset file {path} is not a readable NetCDF-4 file "
+                            f"({type(e).__name__}: {e}); delete it and rerun the analysis "
+                            "that writes it") from e
+    raw = ds.attrs.pop(META_KEY, None)
+    if raw is None:
+        return ds
+    try:
+        meta = json.loads(raw)
+    except (TypeError, ValueError) as e:
+        raise ArtifactError(f"dataset file {path} has a corrupt {META_KEY} attribute") from e
+    return _restore(ds, meta)
