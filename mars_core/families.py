@@ -2,9 +2,8 @@
 
 A `Family` records, for one group of transformers architectures (matched by
 `config.model_type`), the attribute path from the top-level HF model to the language
-backbone's decoder layers, whether it takes images and videos, and how position ids are
-supplied for a left-padded forward. Everything else (chat template, token expansion of
-images and videos) comes from the model's own processor, so adding a family is one
+backbone's decoder layers and the logits module, and whether it takes images and videos.
+Everything else (chat template, token expansion of images and videos) comes from the model's own processor, so adding a family is one
 `register_family(Family(...))` call; see README "Adding a model family".
 """
 
@@ -25,8 +24,6 @@ class Family:
         (e.g. "model.language_model.layers"); each layer returns `[batch, pos, d_model]`.
     lm_head_path: dotted path to the module whose output is the logits `[batch, pos, vocab]`.
     image, video: which media the family accepts.
-    nested_images: True when the processor wants images grouped per prompt
-        (`[[img], [img]]`, Idefics3, Gemma 3) rather than a flat list.
     examples: hub ids of real checkpoints of the family (documentation only).
     """
 
@@ -36,7 +33,6 @@ class Family:
     lm_head_path: str = "lm_head"
     image: bool = True
     video: bool = False
-    nested_images: bool = False
     examples: tuple[str, ...] = field(default_factory=tuple)
 
 
@@ -131,9 +127,9 @@ for _fam in (
         "qwen3_vl", ("qwen3_vl",), _LM, video=True,
         examples=("Qwen/Qwen3-VL-8B-Instruct",),
     ),
-    Family("gemma3", ("gemma3",), _LM, nested_images=True, examples=("google/gemma-3-4b-it",)),
+    Family("gemma3", ("gemma3",), _LM, examples=("google/gemma-3-4b-it",)),
     Family(
-        "idefics3", ("idefics3", "smolvlm"), "model.text_model.layers", nested_images=True,
+        "idefics3", ("idefics3", "smolvlm"), "model.text_model.layers",
         examples=("HuggingFaceTB/SmolVLM-Instruct", "HuggingFaceM4/Idefics3-8B-Llama3"),
     ),
     Family("internvl", ("internvl",), _LM, video=True, examples=("OpenGVLab/InternVL3-2B-hf",)),

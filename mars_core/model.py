@@ -224,7 +224,7 @@ class MarsModel:
             if getattr(self.processor, "tokenizer", None) is not None:
                 self.processor.tokenizer.padding_side = "left"
             if images is not None:
-                kwargs["images"] = [[im] for im in images] if self.family.nested_images else images
+                kwargs["images"] = [[im] for im in images]  # grouped per prompt: every family takes this
             if videos is not None:
                 kwargs["videos"] = videos
             enc = self.processor(text=rendered, **kwargs)
