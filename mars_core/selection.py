@@ -1,0 +1,290 @@
+"""Choosing the refusal direction's (layer, position) for text, after Arditi et al. (2024).
+
+For every candidate (l, p) in the extracted `RefusalDirections` (unit vector r = unit[l, p],
+raw difference v = mean_diff[l, p]) and held-out validation prompts:
+
+  bypass_score[l, p]  mean first-token refusal log-odds over held-out HARMFUL prompts while r is
+                      ablated everywhere: x <- x - (x . r) r applied to the output of every decoder
+                      layer at every position (and to the input of layer 0, i.e. the embeddings,
+                      unless include_embeddings=False). Lower = the direction mediates refusal.
+  induce_score[l, p]  mean refusal log-odds over held-out HARMLESS prompts while v (times
+                      `induce_coeff`) is added to the output of layer l only, at every position
+                      (induce_positions="all", the default, as in Arditi et al.) or only at the
+                      last prompt column (induce_positions="last"). Higher = adding it induces refusal.
+  kl[l, p]            mean over held-out HARMLESS prompts of KL(P_base || P_ablated) of the
+                      next-token distribution at the last prompt column, with the same ablation as
+                      bypass_score. Small = ablation leaves harmless behaviour intact.
+
+Filters (each a boolean variable in the result): pass_layer: l < floor(n_layers * (1 -
+prune_layer_frac)) (skip the last 20% of layers by default); pass_kl: kl < kl_threshold (0.1);
+pass_induce: induce_score > induce_threshold (0). The chosen candidate is the one with the lowest
+bypass_score among those passing all filters (first in (layer, pos) order on ties). If none
+passes, the lowest bypass_score among pass_layer candidates is chosen, attrs["fallback"] says so
+and a warning is raised.
+
+All edits are nnsight edits inside one trace per batch (`ablate_direction`, `add_vector`).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Literal, Sequence
+
+import numpy as np
+import torch
+
+from .errors import InputError
+from .provenance import make_provenance, sha256_text
+from .scoring import kl_divergence, last_logits, first_token_refusal_score, refusal_token_ids
+
+
+# ---------------------------------------------------------------------- nnsight edit helpers
+def _work_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def project_out(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """x - (x . r̂) r̂ for x [..., d_model], r [d_model] (normalised here); computed in at least
+    float32 and returned in x's dtype."""
+    wd = _work_dtype(x)
+    rr = r.detach().to(torch.float64)
+    rr = (rr / rr.norm()).to(device=x.device, dtype=wd)
+    xf = x.to(wd)
+    return (xf - (xf @ rr).unsqueeze(-1) * rr).to(x.dtype)
+
+
+def ablate_direction(mm: Any, r: torch.Tensor, include_embeddings: bool = True) -> dict[str, Any]:
+    """Call INSIDE an nnsight trace: remove the component along r (d_model, any norm) from the
+    input of layer 0 (if include_embeddings) and from the output of every decoder layer, at all
+    positions. Touches layers in forward order, so other edits must come after it or be folded in.
+
+    Returns {"input": the edited layer-0 input or None, "outputs": [edited output of each layer]}
+    (live values inside the trace; wrap in `nnsight.save` to keep them after the block).
+    """
+    if float(r.norm()) == 0:
+        raise InputError("Cannot ablate a zero direction.")
+    n = len(mm.layers)
+    x_in = None
+    if include_embeddings:
+        x0 = mm.layers[0].input
+        mm.layers[0].input = project_out(x0, r)
+        x_in = mm.layers[0].input
+    outs = []
+    for l in range(n):
+        out = mm.layers[l].output
+        mm.layers[l].output[:] = project_out(out, r)
+        outs.append(mm.layers[l].output)
+    return {"input": x_in, "outputs": outs}
+
+
+def add_vector(
+    mm: Any, v: torch.Tensor, layer: int, positions: Literal["all", "last"] = "all", coeff: float = 1.0
+) -> None:
+    """Call INSIDE an nnsight trace: add coeff * v (v [d_model]) to the output of decoder layer
+    `layer`, at every position ("all") or at the last prompt column only ("last")."""
+    out = mm.layers[layer].output
+    wd = _work_dtype(out)
+    vv = (float(coeff) * v.detach().to(torch.float64)).to(device=out.device, dtype=wd)
+    if positions == "all":
+        mm.layers[layer].output[:] = (out.to(wd) + vv).to(out.dtype)
+    elif positions == "last":
+        mm.layers[layer].output[:, -1] = (out[:, -1].to(wd) + vv).to(out.dtype)
+    else:
+        raise InputError(f"positions must be 'all' or 'last', got {positions!r}.")
+
+
+# ---------------------------------------------------------------------- selection
+def _batches(mm: Any, prompts: list[str], batch_size: int) -> list[Any]:
+    return [mm.build_batch(prompts[i : i + batch_size]) for i in range(0, len(prompts), batch_size)]
+
+
+def choose_candidate(
+    bypass: np.ndarray,
+    induce: np.ndarray,
+    kl: np.ndarray,
+    layers: Sequence[int],
+    n_layers: int,
+    prune_layer_frac: float = 0.2,
+    kl_threshold: float = 0.1,
+    induce_threshold: float = 0.0,
+) -> dict[str, Any]:
+    """Apply the filters to score arrays [n_cand_layers, n_pos] and pick the lowest bypass score.
+
+    Returns {"pass_layer", "pass_kl", "pass_induce", "passes" (bool arrays of the same shape),
+    "index" (i, j) of the choice, "fallback" (str, "" if a candidate passed every filter)}.
+    """
+    bypass, induce, kl = (np.asarray(a, dtype=np.float64) for a in (bypass, induce, kl))
+    layer_cut = int(np.floor(n_layers * (1.0 - prune_layer_frac)))
+    lay = np.asarray(layers)[:, None]
+    pass_layer = np.broadcast_to(lay < layer_cut, bypass.shape).copy()
+    pass_kl = np.nan_to_num(kl, nan=np.inf) < kl_threshold
+    pass_induce = np.nan_to_num(induce, nan=-np.inf) > induce_threshold
+    passes = pass_layer & pass_kl & pass_induce
+    fallback = ""
+    pool = passes
+    if not passes.any():
+        fallback = "no candidate passed every filter; chose the lowest bypass score among layers < %d" % layer_cut
+        pool = pass_layer
+        if not pool.any():
+            fallback = "no candidate passed any filter; chose the lowest bypass score overall"
+            pool = np.ones_like(passes)
+    masked = np.where(pool, np.nan_to_num(bypass, nan=np.inf), np.inf)
+    i, j = np.unravel_index(int(np.argmin(masked)), masked.shape)
+    return {
+        "pass_layer": pass_layer,
+        "pass_kl": pass_kl,
+        "pass_induce": pass_induce,
+        "passes": passes,
+        "index": (int(i), int(j)),
+        "fallback": fallback,
+        "layer_cut": layer_cut,
+    }
+
+
+def select_direction(
+    mm: Any,
+    directions: Any,
+    harmful_val: Sequence[str],
+    harmless_val: Sequence[str],
+    *,
+    layers: Sequence[int] | None = None,
+    positions: Sequence[int] | None = None,
+    refusal_ids: Sequence[int] | None = None,
+    prune_layer_frac: float = 0.2,
+    kl_threshold: float = 0.1,
+    induce_threshold: float = 0.0,
+    induce_positions: Literal["all", "last"] = "all",
+    induce_coeff: float = 1.0,
+    include_embeddings: bool = True,
+    batch_size: int = 8,
+):
+    """Score every candidate (layer, pos) and choose one (see module docstring).
+
+    mm: MarsModel; directions: RefusalDirections of that model; harmful_val / harmless_val:
+    held-out text instructions (not those used for extraction). layers / positions restrict the
+    candidates (default: all extracted). refusal_ids default to `refusal_token_ids(mm.tokenizer)`.
+
+    Returns an xarray.Dataset with dims (layer, pos) [and harmful / harmless prompt dims]:
+      bypass_score, induce_score, kl, direction_norm   float64 [layer, pos]
+      bypass_prompt [layer, pos, harmful]; induce_prompt, kl_prompt [layer, pos, harmless]
+      pass_layer, pass_kl, pass_induce, passes          bool [layer, pos]
+      baseline_harmful [harmful], baseline_harmless [harmless]  refusal log-odds without edits
+    attrs: chosen_layer, chosen_pos, n_passing, fallback, the settings, the directions'
+    provenance (prefixed "directions_"), validation-set hashes and sizes.
+    """
+    import xarray as xr
+
+    from .directions import _check_prompts
+
+    harmful_val = _check_prompts(harmful_val, "harmful validation")
+    harmless_val = _check_prompts(harmless_val, "harmless validation")
+    if int(directions.d_model) != int(mm.d_model) or int(directions.n_layers) != int(mm.n_layers):
+        from .errors import IncompatibleModelError
+
+        raise IncompatibleModelError(
+            f"Directions are for {directions.n_layers} layers x d_model {directions.d_model}; the model has "
+            f"{mm.n_layers} x {mm.d_model}."
+        )
+    cand_layers = list(directions.layers) if layers is None else [int(l) % mm.n_layers for l in layers]
+    cand_pos = list(directions.positions) if positions is None else [int(p) for p in positions]
+    if not cand_layers or not cand_pos:
+        raise InputError("No candidate layers/positions to score.")
+    if refusal_ids is None:
+        refusal_ids = refusal_token_ids(mm.tokenizer)
+    refusal_ids = list(refusal_ids)
+
+    hb = _batches(mm, harmful_val, batch_size)
+    sb = _batches(mm, harmless_val, batch_size)
+
+    def scores(batches: list[Any], edit=None) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = torch.cat([last_logits(mm, b, edit) for b in batches])
+        return first_token_refusal_score(logits, refusal_ids), logits
+
+    base_h, _ = scores(hb)
+    base_s, base_s_logits = scores(sb)
+
+    L, P = len(cand_layers), len(cand_pos)
+    bypass_p = np.zeros((L, P, len(harmful_val)))
+    induce_p = np.zeros((L, P, len(harmless_val)))
+    kl_p = np.zeros((L, P, len(harmless_val)))
+    norms = np.zeros((L, P))
+    for i, l in enumerate(cand_layers):
+        for j, p in enumerate(cand_pos):
+            r = directions.direction(l, p, unit=True)
+            v = directions.direction(l, p, unit=False)
+            norms[i, j] = float(v.norm())
+            if norms[i, j] == 0:
+                bypass_p[i, j] = base_h.numpy()
+                induce_p[i, j] = base_s.numpy()
+                continue
+
+            def abl(m, r=r):
+                ablate_direction(m, r, include_embeddings=include_embeddings)
+
+            def ind(m, v=v, l=l):
+                add_vector(m, v, l, positions=induce_positions, coeff=induce_coeff)
+
+            s_h, _ = scores(hb, abl)
+            _, lg_s = scores(sb, abl)
+            s_i, _ = scores(sb, ind)
+            bypass_p[i, j] = s_h.numpy()
+            induce_p[i, j] = s_i.numpy()
+            kl_p[i, j] = kl_divergence(base_s_logits, lg_s).numpy()
+
+    bypass, induce, kl = bypass_p.mean(-1), induce_p.mean(-1), kl_p.mean(-1)
+    ch = choose_candidate(bypass, induce, kl, cand_layers, int(mm.n_layers), prune_layer_frac, kl_threshold, induce_threshold)
+    ci, cj = ch["index"]
+    if ch["fallback"]:
+        warnings.warn(f"Direction selection: {ch['fallback']}.", stacklevel=2)
+
+    lp = ("layer", "pos")
+    prov = make_provenance(
+        kind="direction_selection",
+        chosen_layer=int(cand_layers[ci]),
+        chosen_pos=int(cand_pos[cj]),
+        n_passing=int(ch["passes"].sum()),
+        fallback=ch["fallback"],
+        layer_cut=ch["layer_cut"],
+        n_layers=int(mm.n_layers),
+        prune_layer_frac=float(prune_layer_frac),
+        kl_threshold=float(kl_threshold),
+        induce_threshold=float(induce_threshold),
+        induce_positions=induce_positions,
+        induce_coeff=float(induce_coeff),
+        include_embeddings=int(include_embeddings),
+        refusal_ids=refusal_ids,
+        harmful_val_sha256=sha256_text(harmful_val),
+        harmless_val_sha256=sha256_text(harmless_val),
+        n_harmful_val=len(harmful_val),
+        n_harmless_val=len(harmless_val),
+        **{f"directions_{k}": v for k, v in directions.provenance.items()},
+    )
+    return xr.Dataset(
+        {
+            "bypass_score": (lp, bypass),
+            "induce_score": (lp, induce),
+            "kl": (lp, kl),
+            "direction_norm": (lp, norms),
+            "bypass_prompt": (lp + ("harmful",), bypass_p),
+            "induce_prompt": (lp + ("harmless",), induce_p),
+            "kl_prompt": (lp + ("harmless",), kl_p),
+            "pass_layer": (lp, ch["pass_layer"]),
+            "pass_kl": (lp, ch["pass_kl"]),
+            "pass_induce": (lp, ch["pass_induce"]),
+            "passes": (lp, ch["passes"]),
+            "baseline_harmful": (("harmful",), base_h.numpy()),
+            "baseline_harmless": (("harmless",), base_s.numpy()),
+        },
+        coords={
+            "layer": cand_layers,
+            "pos": cand_pos,
+            "harmful": np.arange(len(harmful_val)),
+            "harmless": np.arange(len(harmless_val)),
+        },
+        attrs=prov,
+    )
+
+
+def chosen(ds: Any) -> tuple[int, int]:
+    """(layer, pos) chosen by `select_direction`."""
+    return int(ds.attrs["chosen_layer"]), int(ds.attrs["chosen_pos"])
