@@ -77,6 +77,8 @@ def alignment(n_layers: int = 12, modalities=("image", "video"), seed: int = 0) 
 
 
 METHODS_CURVES = ("none", "actadd", "mars_no_recenter", "mars")
+IGNORE_STRENGTH = ("none", "ablation", "mars", "mars_no_recenter", "mars_given_layer",
+                   "mars_all_tokens")
 
 
 def curves(n_layers: int = 8, n_prompts: int = 16, methods=METHODS_CURVES,
@@ -89,6 +91,9 @@ def curves(n_layers: int = 8, n_prompts: int = 16, methods=METHODS_CURVES,
     shape = (len(methods), 3, 2, n_layers, len(s), n_prompts)
     base = np.array([[2.0, -4.0], [-1.0, -4.0], [-1.5, -4.0]])  # modality x prompt_set
     eff = np.sin(np.pi * (layer + 0.5) / n_layers)  # steering works best mid-network
+    # common random numbers: a prompt's noise is shared by methods (ActAdd at 0 == none)
+    noise = rng.normal(0, 1.0, shape[1:])
+    uniform = rng.random(shape[1:])
     score = np.empty(shape)
     for i, m in enumerate(methods):
         for j in range(3):
@@ -103,8 +108,12 @@ def curves(n_layers: int = 8, n_prompts: int = 16, methods=METHODS_CURVES,
                     v = b + (4.5 if k == 0 else 0.3) * eff[:, None] + 0 * s[None, :]
                 else:
                     v = np.full((n_layers, len(s)), b)
-                score[i, j, k] = v[..., None] + rng.normal(0, 1.0, (n_layers, len(s), n_prompts))
-    refused = (rng.random(shape) < 1 / (1 + np.exp(-score))).astype(float)
+                score[i, j, k] = v[..., None] + noise[j, k]
+    refused = (uniform < 1 / (1 + np.exp(-score))).astype(float)
+    for i, m in enumerate(methods):
+        if m in IGNORE_STRENGTH:  # constant along strength, as the schema says
+            score[i] = score[i, :, :, :, :1]
+            refused[i] = refused[i, :, :, :, :1]
     refused[..., -1] = np.nan  # one prompt not generated: NaN, as the schema allows
     dims = ("method", "modality", "prompt_set", "layer", "strength", "prompt")
     ds = xr.Dataset(
