@@ -140,16 +140,17 @@ Intervene = Callable[[Any], None]
 such as `mm.layers[l].output[:] = ...`. It must touch layers in forward order."""
 
 
-def last_logits(mm: Any, batch: Any, intervene: Intervene | None = None) -> torch.Tensor:
+def last_logits(mm: Any, batch: Any, intervene: Intervene | None = None, *, remote: bool = False) -> torch.Tensor:
     """Next-token logits at the last prompt column, one trace: [batch, vocab] float32 on CPU.
 
     mm: MarsModel; batch: PromptBatch (left-padded, so column -1 is every row's last token);
-    intervene: optional edit applied inside the same trace.
+    intervene: optional edit applied inside the same trace. remote: run on NDIF (the edit must
+    then use only torch and code registered with `nnsight.register`).
     """
     import nnsight
 
     with torch.no_grad():
-        with mm.nn.trace(batch.inputs):
+        with mm.nn.trace(batch.inputs, remote=remote):
             if intervene is not None:
                 intervene(mm)
             logits = nnsight.save(mm.logits_envoy.output[:, -1])
@@ -160,10 +161,10 @@ def last_logits(mm: Any, batch: Any, intervene: Intervene | None = None) -> torc
 
 
 def refusal_scores(
-    mm: Any, batch: Any, refusal_ids: Sequence[int], intervene: Intervene | None = None
+    mm: Any, batch: Any, refusal_ids: Sequence[int], intervene: Intervene | None = None, *, remote: bool = False
 ) -> torch.Tensor:
     """First-token refusal log-odds of each prompt in `batch` (optionally under an edit): [batch] float64."""
-    return first_token_refusal_score(last_logits(mm, batch, intervene), refusal_ids)
+    return first_token_refusal_score(last_logits(mm, batch, intervene, remote=remote), refusal_ids)
 
 
 # ---------------------------------------------------------------------- judges

@@ -185,6 +185,11 @@ def select_direction(
             f"Directions are for {directions.n_layers} layers x d_model {directions.d_model}; the model has "
             f"{mm.n_layers} x {mm.d_model}."
         )
+    want, have = directions.provenance.get("model_config_hash"), getattr(mm, "config_hash", None)
+    if want and have and want != have:
+        warnings.warn(
+            f"The directions come from a model with config hash {want}; this one has {have}.", stacklevel=2
+        )
     cand_layers = list(directions.layers) if layers is None else [int(l) % mm.n_layers for l in layers]
     cand_pos = list(directions.positions) if positions is None else [int(p) for p in positions]
     if not cand_layers or not cand_pos:
@@ -238,14 +243,17 @@ def select_direction(
         warnings.warn(f"Direction selection: {ch['fallback']}.", stacklevel=2)
 
     lp = ("layer", "pos")
+    dprov = dict(directions.provenance)
+    model_prov = dict(mm.provenance()) if hasattr(mm, "provenance") else {}
     prov = make_provenance(
-        kind="direction_selection",
+        analysis="direction_selection",
+        **model_prov,
+        seed=dprov.get("seed", ""),
         chosen_layer=int(cand_layers[ci]),
         chosen_pos=int(cand_pos[cj]),
         n_passing=int(ch["passes"].sum()),
         fallback=ch["fallback"],
         layer_cut=ch["layer_cut"],
-        n_layers=int(mm.n_layers),
         prune_layer_frac=float(prune_layer_frac),
         kl_threshold=float(kl_threshold),
         induce_threshold=float(induce_threshold),
@@ -257,24 +265,27 @@ def select_direction(
         harmless_val_sha256=sha256_text(harmless_val),
         n_harmful_val=len(harmful_val),
         n_harmless_val=len(harmless_val),
-        **{f"directions_{k}": v for k, v in directions.provenance.items()},
+        **{f"directions_{k}": v for k, v in dprov.items()},
     )
+    logodds = "log-odds"
+    spec = {
+        "bypass_score": (lp, bypass, logodds, "refusal score of harmful prompts, direction ablated at every layer"),
+        "induce_score": (lp, induce, logodds, "refusal score of harmless prompts, mean difference added at the layer"),
+        "kl": (lp, kl, "nats", "KL(base || ablated) of harmless next-token distributions"),
+        "direction_norm": (lp, norms, "activation units", "norm of the harmful-minus-harmless mean difference"),
+        "bypass_prompt": (lp + ("harmful",), bypass_p, logodds, "per-prompt refusal score under ablation"),
+        "induce_prompt": (lp + ("harmless",), induce_p, logodds, "per-prompt refusal score under addition"),
+        "kl_prompt": (lp + ("harmless",), kl_p, "nats", "per-prompt KL under ablation"),
+        "pass_layer": (lp, ch["pass_layer"], "1", f"layer < {ch['layer_cut']}"),
+        "pass_kl": (lp, ch["pass_kl"], "1", f"kl < {kl_threshold}"),
+        "pass_induce": (lp, ch["pass_induce"], "1", f"induce_score > {induce_threshold}"),
+        "passes": (lp, ch["passes"], "1", "passes every filter"),
+        "baseline_harmful": (("harmful",), base_h.numpy(), logodds, "refusal score of harmful prompts, no edit"),
+        "baseline_harmless": (("harmless",), base_s.numpy(), logodds, "refusal score of harmless prompts, no edit"),
+    }
+    data = {k: xr.Variable(d, v, attrs={"units": u, "long_name": n}) for k, (d, v, u, n) in spec.items()}
     return xr.Dataset(
-        {
-            "bypass_score": (lp, bypass),
-            "induce_score": (lp, induce),
-            "kl": (lp, kl),
-            "direction_norm": (lp, norms),
-            "bypass_prompt": (lp + ("harmful",), bypass_p),
-            "induce_prompt": (lp + ("harmless",), induce_p),
-            "kl_prompt": (lp + ("harmless",), kl_p),
-            "pass_layer": (lp, ch["pass_layer"]),
-            "pass_kl": (lp, ch["pass_kl"]),
-            "pass_induce": (lp, ch["pass_induce"]),
-            "passes": (lp, ch["passes"]),
-            "baseline_harmful": (("harmful",), base_h.numpy()),
-            "baseline_harmless": (("harmless",), base_s.numpy()),
-        },
+        data,
         coords={
             "layer": cand_layers,
             "pos": cand_pos,

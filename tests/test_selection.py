@@ -111,12 +111,18 @@ def test_add_vector_all_and_last():
 
 
 # ---------------------------------------------------------------------- the selection Dataset
-def test_select_direction_dataset_labels():
+@pytest.fixture(scope="module")
+def selection():
     tiny = build_tiny("llama")
     mm = load_model(tiny.model, tiny.tokenizer)
     rd = RefusalDirections.extract(mm, HARMFUL, HARMLESS)
     with _maybe_warn():
         ds = select_direction(mm, rd, HARMFUL[:3], HARMLESS[:2], positions=rd.positions[-2:], batch_size=2)
+    return mm, rd, ds
+
+
+def test_select_direction_dataset_labels(selection):
+    mm, rd, ds = selection
     L, P = mm.n_layers, 2
     assert dict(ds.sizes) == {"layer": L, "pos": P, "harmful": 3, "harmless": 2}
     assert list(ds.layer.values) == list(range(L)) and list(ds.pos.values) == list(rd.positions[-2:])
@@ -142,6 +148,16 @@ def test_select_direction_dataset_labels():
     np.testing.assert_allclose(ds["baseline_harmful"].values, base.numpy(), atol=1e-5)
     assert ds.attrs["n_harmful_val"] == 3 and ds.attrs["directions_n_harmful"] == 4
     assert all(isinstance(v, (str, int, float, bool, np.integer, np.floating)) for v in ds.attrs.values())
+    assert ds.attrs["analysis"] == "direction_selection" and ds.attrs["model_config_hash"] == mm.config_hash
+    assert ds["bypass_score"].attrs["units"] == "log-odds" and ds["kl"].attrs["long_name"]
+
+
+def test_selection_dataset_saves_as_netcdf(selection, tmp_path):
+    pytest.importorskip("h5py")  # the h5netcdf engine needs it
+    from analysis.io import load_dataset, save_dataset
+
+    ds = selection[2]
+    assert load_dataset(save_dataset(ds, tmp_path / "sel.nc")).identical(ds)
 
 
 class _maybe_warn:
