@@ -63,7 +63,7 @@ def register_remote() -> None:
 
 # ============================================================================ the math
 def _unit(r: torch.Tensor) -> torch.Tensor:
-    r = torch.as_tensor(r).detach().to(torch.float64).flatten()
+    r = (r.detach() if isinstance(r, torch.Tensor) else torch.as_tensor(r, dtype=torch.float64)).to(torch.float64).flatten()
     n = r.norm()
     if not torch.isfinite(n) or float(n) == 0.0:
         raise InputError("the steering direction is zero or not finite; extract directions again")
@@ -111,14 +111,15 @@ def mars_strength(
         raise InputError(f"gain_units={gain_units!r}; use one of {UNITS}")
     wd, dev = torch.float64, x.device
     xf = x.detach().to(wd)
-    rf = torch.as_tensor(r).to(device=dev, dtype=wd)
-    ph = torch.as_tensor(p_harm).to(device=dev, dtype=wd)
-    ps = torch.as_tensor(p_safe).to(device=dev, dtype=wd)
+    # as_tensor(float) would make float32: give the dtype up front so nothing is rounded
+    rf = torch.as_tensor(r, dtype=wd, device=dev)
+    ph = torch.as_tensor(p_harm, dtype=wd, device=dev)
+    ps = torch.as_tensor(p_safe, dtype=wd, device=dev)
     gap = ph - ps
     proj = xf @ rf  # [batch]
     use_offset = recenter and offset is not None
     if use_offset:
-        of = torch.as_tensor(offset).to(device=dev, dtype=wd)
+        of = torch.as_tensor(offset, dtype=wd, device=dev)
         proj_c = proj - of @ rf
     else:
         of = None
@@ -228,6 +229,19 @@ class Steerer:
     layers_path: str | None = None
 
     def apply(self, mm: Any, batch: Any = None, *, steps: int | None = None, record: Any = False):
+        steps = _check_steps(self.scope, steps)
+        rec = _new_record(record)
+        self.step(mm, batch, record=rec)
+        if steps > 1:
+            for _ in Iterations()[1:steps]:
+                self.step(mm, batch, record=rec)
+        return rec
+
+    def step(self, mm: Any, batch: Any = None, *, record: dict | None = None) -> None:
+        """Edit the forward pass nnsight is at now (prefill, or the step of an enclosing
+        `for _ in tracer.iter[...]` loop). apply() calls it once ("first") or once per step
+        ("every"); call it yourself inside your own step loop when you also read per-step values
+        (nnsight allows one per-step loop per invoke)."""
         raise NotImplementedError
 
     # -- conveniences -------------------------------------------------------------------------
@@ -303,8 +317,8 @@ class NoSteer(Steerer):
 
     name = "none"
 
-    def apply(self, mm, batch=None, *, steps=None, record=False):
-        return _new_record(record)
+    def step(self, mm, batch=None, *, record=None):
+        return None
 
 
 class ActAdd(Steerer):
@@ -333,23 +347,15 @@ class ActAdd(Steerer):
         v = directions.direction(layer, pos, unit=False)
         return cls(v, layer % directions.n_layers, coeff * float(v.norm()), scope=scope, layers_path=layers_path)
 
-    def _edit(self, layers, rec, key_alpha: str | None):
+    def step(self, mm, batch=None, *, record=None):
+        layers = _layers_of(mm, self.layers_path)
         out = layers[self.layer].output
         x = out[:, -1]
         a = torch.full((x.shape[0],), self.alpha, dtype=torch.float64, device=x.device)
         layers[self.layer].output[:, -1] = _add(x, a[:, None] * self.r.to(x.device)[None, :])
-        if rec is not None and key_alpha is not None:
-            rec[key_alpha] = a.cpu()
-
-    def apply(self, mm, batch=None, *, steps=None, record=False):
-        steps = _check_steps(self.scope, steps)
-        layers = _layers_of(mm, self.layers_path)
-        rec = _new_record(record)
-        self._edit(layers, rec, "alpha")
-        if steps > 1:
-            for _ in Iterations()[1:steps]:
-                self._edit(layers, rec, None)
-        return rec
+        if record is not None:
+            record.setdefault("alpha", a.cpu())
+            record.setdefault("alpha_steps", []).append(a.cpu())
 
     def __repr__(self):
         return f"ActAdd(layer={self.layer}, alpha={self.alpha:.4g}, scope={self.scope!r})"
@@ -371,7 +377,7 @@ class DirectionalAblation(Steerer):
         self.scope = scope
         self.layers_path = layers_path
 
-    def _edit(self, mm):
+    def step(self, mm, batch=None, *, record=None):
         layers = _layers_of(mm, self.layers_path)
         r = self.r
         if self.include_embeddings:
@@ -379,14 +385,6 @@ class DirectionalAblation(Steerer):
         for i in range(len(layers)):
             layers[i].output[:] = project_out(layers[i].output, r)
 
-    def apply(self, mm, batch=None, *, steps=None, record=False):
-        steps = _check_steps(self.scope, steps)
-        rec = _new_record(record)
-        self._edit(mm)
-        if steps > 1:
-            for _ in Iterations()[1:steps]:
-                self._edit(mm)
-        return rec
 
     def __repr__(self):
         return f"DirectionalAblation(scope={self.scope!r}, include_embeddings={self.include_embeddings})"
@@ -826,28 +824,17 @@ class MARS(Steerer):
             margin=self.margin, alpha=self.alpha,
         )
 
-    def _edit(self, layers, modality: str, rec, prefill: bool):
+    def step(self, mm, batch=None, *, record=None):
+        layers = _layers_of(mm, self.layers_path)
         out = layers[self.layer].output
         x = out[:, -1]
-        res = self.strength(x, modality)
+        res = self.strength(x, _modality_of(batch))
         layers[self.layer].output[:, -1] = _add(x, res["delta"])
-        if rec is not None:
-            if prefill:
+        if record is not None:
+            if "alpha" not in record:  # the first step edited: the first generated token
                 for k in ("alpha", "score", "proj", "proj_c", "cap"):
-                    rec[k] = res[k].cpu()
-            if self.scope == "every":
-                rec.setdefault("alpha_steps", []).append(res["alpha"].cpu())
-
-    def apply(self, mm, batch=None, *, steps=None, record=False):
-        steps = _check_steps(self.scope, steps)
-        modality = _modality_of(batch)
-        layers = _layers_of(mm, self.layers_path)
-        rec = _new_record(record)
-        self._edit(layers, modality, rec, True)
-        if steps > 1:
-            for _ in Iterations()[1:steps]:
-                self._edit(layers, modality, rec, False)
-        return rec
+                    record[k] = res[k].cpu()
+            record.setdefault("alpha_steps", []).append(res["alpha"].cpu())
 
     @classmethod
     def select(cls, mm: Any, calibration: MarsCalibration, harmful_texts: Sequence[str], **kwargs) -> "MARS":
