@@ -24,6 +24,7 @@ ENGINE = "h5netcdf"
 META_KEY = "mars_io_encoding"
 _GLOBAL = ""  # key of the Dataset's own attrs in the metadata
 _INT64 = (-(2**63), 2**63)
+_NEEDS_H5PY = "reading/writing NetCDF datasets needs h5netcdf with h5py: pip install h5py"
 
 
 def _encode_attr(value: Any) -> tuple[Any, Any]:
@@ -93,7 +94,10 @@ def save_dataset(ds: xr.Dataset, path: str | os.PathLike) -> Path:
                                       "times": times}, sort_keys=True)
     path = Path(path)
     with atomic_path(path) as tmp:
-        out.to_netcdf(tmp, engine=ENGINE)
+        try:
+            out.to_netcdf(tmp, engine=ENGINE)
+        except ImportError as e:
+            raise ImportError(_NEEDS_H5PY) from e
     return path
 
 
@@ -125,8 +129,8 @@ def load_dataset(path: str | os.PathLike) -> xr.Dataset:
                             "writes it (e.g. `mars analyze`) or check the path")
     try:
         ds = xr.load_dataset(path, engine=ENGINE, decode_times=False, decode_timedelta=False)
-    except ImportError:
-        raise
+    except ImportError as e:
+        raise ImportError(_NEEDS_H5PY) from e
     except Exception as e:  # h5py/h5netcdf raise OSError, ValueError, KeyError, ...
         raise ArtifactError(f"dataset file {path} is not a readable NetCDF-4 file "
                             f"({type(e).__name__}: {e}); delete it and rerun the analysis "
