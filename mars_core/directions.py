@@ -72,6 +72,9 @@ def _model_shape(model: Any) -> tuple[int, int]:
         ) from e
 
 
+model_shape = _model_shape
+
+
 @dataclass(eq=False)
 class RefusalDirections:
     """Harmful/harmless centroids and their difference at every (layer, position).

@@ -195,6 +195,16 @@ def test_extract_save_load_for_model(tmp_path):
         back.direction(0)
 
 
+def test_load_warns_for_same_shape_different_model(tmp_path):
+    llama = build_tiny("llama")
+    qwen = build_tiny("qwen2")  # also 4 layers x 64, different config
+    mm_l = load_model(llama.model, llama.tokenizer)
+    mm_q = load_model(qwen.model, qwen.tokenizer)
+    path = RefusalDirections.extract(mm_l, HARMFUL[:1], HARMLESS[:1], layers=[3]).save(tmp_path / "d.safetensors")
+    with pytest.warns(UserWarning, match="config hash"):
+        RefusalDirections.load(path, model=mm_q)
+
+
 def test_extract_input_errors():
     tiny = build_tiny("llama")
     mm = load_model(tiny.model, tiny.tokenizer)
