@@ -153,7 +153,6 @@ def test_select_direction_dataset_labels(selection):
 
 
 def test_selection_dataset_saves_as_netcdf(selection, tmp_path):
-    pytest.importorskip("h5py")  # the h5netcdf engine needs it
     from analysis.io import load_dataset, save_dataset
 
     ds = selection[2]
