@@ -1,8 +1,9 @@
 """mars: Modality-Agnostic Refusal Steering of multimodal LLMs, built on nnsight.
 
 Entry points: `load_model` (any supported transformers model under nnsight),
-`collect_activations` (streaming residual-stream capture), the family registry
-(`Family`, `register_family`, `families`).
+`collect_activations` (streaming residual-stream capture), `RefusalDirections` (text
+difference-of-means directions), scoring and judges, `select_direction`, and the family
+registry (`Family`, `register_family`, `families`). Steering lives in `mars_core.steering`.
 """
 
 from ._version import __version__
@@ -16,6 +17,16 @@ from .errors import (
 from .families import Family, families, family_for_config, get_family, register_family, unregister_family
 from .model import MarsModel, PromptBatch, load_model
 from .capture import collect_activations
+from .prompts import PromptSet
+from .directions import RefusalDirections
+from .scoring import (
+    Judge,
+    SubstringJudge,
+    first_token_refusal_score,
+    refusal_scores,
+    refusal_token_ids,
+)
+from .selection import select_direction
 
 __all__ = [
     "__version__",
@@ -34,4 +45,12 @@ __all__ = [
     "PromptBatch",
     "load_model",
     "collect_activations",
+    "PromptSet",
+    "RefusalDirections",
+    "Judge",
+    "SubstringJudge",
+    "first_token_refusal_score",
+    "refusal_scores",
+    "refusal_token_ids",
+    "select_direction",
 ]
