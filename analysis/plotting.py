@@ -439,8 +439,9 @@ def plot_comparison(ds: xr.Dataset, methods: Sequence[str] | None = None,
         a.grid(False, axis="x")
         a.set_ylim(0, 1.05 * scale if scale == 100 else None)
     unit = " (%)" if scale == 100 else f" ({val.attrs.get('units', '')})"
+    pre = "(a) " if len(groups) == 2 else ""
     axes[0].set(ylabel=(RATE_LABEL if rates else "Utility" + unit),
-                title="(a) Refusal rate (↑ harmful, ↓ harmless)" if rates else "(a) Utility",
+                title=pre + ("Refusal rate (↑ harmful, ↓ harmless)" if rates else "Utility ↑"),
                 xlabel="Prompt set and modality" if rates else "Metric")
     if len(groups) == 2:
         axes[1].set(ylabel="Utility" + unit, title="(b) Utility ↑", xlabel="Metric")
@@ -482,7 +483,8 @@ def plot_refusal_curves(ds: xr.Dataset, layer: int | None = None, variable: str 
             st = method_style(m)
             a.plot(x, p * k, color=st["color"], ls=st["ls"], marker=st["marker"],
                    label=st["label"])
-            a.fill_between(x, lo * k, hi * k, color=st["color"], alpha=0.12, lw=0)
+            a.fill_between(x, lo * k, hi * k, color=st["color"], lw=0,
+                           alpha=min(0.12, 0.5 / len(methods)))
         a.set_title(f"({next(letters)}) {ps.capitalize()} {_modality(mo)['label'].lower()}")
         a.set(xlabel=STRENGTH_LABEL if r == len(sets) - 1 else "",
               ylabel=(RATE_LABEL if variable == "refused" else SCORE_LABEL) if c == 0 else "")
