@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from matplotlib.axes import Axes
@@ -170,3 +172,16 @@ def test_wilson_interval():
     assert np.allclose(p, [0, 0.5, 1]) and lo[0] == pytest.approx(0, abs=1e-12)
     assert hi[0] == pytest.approx(0.2775, abs=1e-3) and lo[1] == pytest.approx(0.2366, abs=1e-3)
     assert np.isnan(P.wilson_ci(0, 0)[0])
+
+
+def test_failed_save_leaves_no_file(data, tmp_path, monkeypatch):
+    fig = P.plot_comparison(data["comparison"])
+
+    def half(self, path, **kwargs):
+        Path(path).write_bytes(b"%PDF-1.4 half")
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(Figure, "savefig", half)
+    with pytest.raises(RuntimeError, match="disk full"):
+        P.save_figure(fig, tmp_path, "comparison")
+    assert list(tmp_path.iterdir()) == []
