@@ -217,10 +217,15 @@ class Steerer:
         "alpha", "score"); a dict you created with `nnsight.save({})` is filled in place, which
         survives even when a generation ends before `steps` (nnsight then skips the statements
         after the step loop, including apply's return).
-    generate(mm, texts, images=None, videos=None, max_new_tokens=32, **generate_kwargs)
+    step(mm, batch=None, *, record=None)
+        Edit only the forward pass nnsight is at now. Use it inside your own
+        `for _ in tracer.iter[:k]:` loop when you also read per-step values: nnsight allows one
+        per-step loop per invoke, and apply(steps=k) runs its own (alternatively, put the
+        reads in a second `tracer.invoke()`, which sees the edits).
+    generate(mm, texts, images=None, videos=None, max_new_tokens=32, *, remote=False, **generate_kwargs)
         Steered generation for one batch -> `Generations` (a list of strings with `.alpha`,
         `.record`, `.token_ids`). Greedy unless generate_kwargs say otherwise.
-    last_logits(mm, batch) -> (logits [batch, vocab] float32, record dict)
+    last_logits(mm, batch, *, remote=False) -> (logits [batch, vocab] float32, record dict)
         One steered forward; the next-token logits at the last prompt column.
     """
 
@@ -245,11 +250,13 @@ class Steerer:
         raise NotImplementedError
 
     # -- conveniences -------------------------------------------------------------------------
-    def last_logits(self, mm: Any, batch: Any) -> tuple[torch.Tensor, dict]:
+    def last_logits(self, mm: Any, batch: Any, *, remote: bool | str = False) -> tuple[torch.Tensor, dict]:
         import nnsight
 
+        if remote:
+            register_remote()
         with torch.no_grad():
-            with mm.nn.trace(batch.inputs):
+            with mm.nn.trace(batch.inputs, remote=remote):
                 rec = nnsight.save({})
                 self.apply(mm, batch, steps=1, record=rec)
                 logits = nnsight.save(mm.logits_envoy.output[:, -1])
@@ -262,10 +269,14 @@ class Steerer:
         images: Sequence[Any] | None = None,
         videos: Sequence[Any] | None = None,
         max_new_tokens: int = 32,
+        *,
+        remote: bool | str = False,
         **generate_kwargs: Any,
     ) -> "Generations":
         import nnsight
 
+        if remote:
+            register_remote()
         batch = mm.build_batch(texts, images=images, videos=videos)
         generate_kwargs.setdefault("do_sample", False)
         k = int(max_new_tokens)
@@ -273,7 +284,7 @@ class Steerer:
             # A per-step loop bounded at k steps is cut short (with this warning) when every row
             # stops early; the record is filled in place, so nothing is lost.
             warnings.filterwarnings("ignore", message=".*was never reached.*")
-            with mm.nn.generate(max_new_tokens=k, **generate_kwargs) as tracer:
+            with mm.nn.generate(max_new_tokens=k, remote=remote, **generate_kwargs) as tracer:
                 with tracer.invoke(batch.inputs):
                     rec = nnsight.save({})
                     self.apply(mm, batch, steps=k, record=rec)
