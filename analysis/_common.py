@@ -104,6 +104,24 @@ def check_model_takes(mm: Any, modality: str, what: str) -> None:
         raise InputError(f"{what}: {getattr(mm, 'model_id', 'the model')} cannot take videos")
 
 
+def check_layers(mm: Any, layers: Any) -> list[int]:
+    """Layer indices in the given order (negative ones count from the end); InputError when
+    empty, out of range or repeated."""
+    if isinstance(layers, (int, np.integer)):
+        layers = [int(layers)]
+    out = []
+    for layer in list(layers):
+        li = int(layer)
+        if not -mm.n_layers <= li < mm.n_layers:
+            raise InputError(f"layer {layer} is out of range for a model with {mm.n_layers} layers")
+        out.append(li % mm.n_layers)
+    if not out:
+        raise InputError("layers is empty; give at least one layer")
+    if len(set(out)) != len(out):
+        raise InputError(f"repeated layers in {list(layers)}")
+    return out
+
+
 def build_batches(mm: Any, ps: PromptSet, batch_size: int) -> list:
     """`PromptBatch`es of at most `batch_size` prompts (one processor encoding each)."""
     if batch_size < 1:

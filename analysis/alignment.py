@@ -33,6 +33,7 @@ from mars_core.prompts import PromptSet
 from ._common import (
     analysis_provenance,
     attach_coord_attrs,
+    check_layers,
     check_model_takes,
     check_modality,
     check_prompt_set,
@@ -170,7 +171,7 @@ def layer_alignment(
     if layers is None:
         lay = list(directions.layers)
     else:
-        lay = sorted({int(l) % mm.n_layers for l in layers})
+        lay = sorted(check_layers(mm, layers))
         missing = [l for l in lay if l not in directions.layers]
         if missing:
             raise InputError(f"layers {missing} were not extracted; the directions hold {list(directions.layers)}")
