@@ -139,7 +139,10 @@ def method_comparison(
     `np.random.default_rng([seed, metric index, n])`, so a metric's CIs do not change when
     methods are added.
 
-    Returns dims method, metric, bound (estimate, low, high); var value (fraction).
+    Returns dims method, metric, bound (estimate, low, high); var value (fraction). attrs: the
+    provenance of `per_prompt.provenance` when it has one (a `PerPrompt`; `seed` is then the
+    evaluation's seed, else the bootstrap seed), `bootstrap_seed`, `n_boot`, `ci` and
+    `n_prompts` (JSON {method: {metric: n}}).
     """
     if not per_prompt:
         raise InputError("per_prompt is empty; give {method: {metric: per-prompt 0/1 values}}")
@@ -180,8 +183,8 @@ def method_comparison(
             lo, hi = _bootstrap_ci(x, idx_by_n[n], ci)
             value[i, j] = (float(x.mean()), lo, hi)
 
-    prov = getattr(per_prompt, "provenance", None) or analysis_provenance("comparison", None, None)
-    attrs = {**prov, "analysis": "comparison", "seed": int(seed), "n_boot": n_boot, "ci": ci,
+    prov = getattr(per_prompt, "provenance", None) or analysis_provenance("comparison", None, None, seed=int(seed))
+    attrs = {**prov, "analysis": "comparison", "bootstrap_seed": int(seed), "n_boot": n_boot, "ci": ci,
              "ci_method": "percentile bootstrap over prompts, paired across methods",
              "n_prompts": json.dumps(n_prompts, sort_keys=True)}
     ds = xr.Dataset(

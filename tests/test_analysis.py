@@ -250,6 +250,11 @@ def test_refusal_curves_schema_and_references(llava, tmp_path):
     # ActAdd at strength 0 is the unsteered model
     np.testing.assert_allclose(sc.sel({"method": "actadd", "strength": 0.0}).values,
                                sc.sel({"method": "none", "strength": 0.0}).values, rtol=0, atol=1e-5, equal_nan=True)
+    # fixed-strength MARS at strength 0 adds nothing; re-centering changes nothing on text
+    np.testing.assert_array_equal(sc.sel({"method": "mars_fixed_strength", "strength": 0.0}).values,
+                                  sc.sel({"method": "none", "strength": 0.0}).values)
+    np.testing.assert_array_equal(sc.sel({"method": "mars", "modality": "text"}).values,
+                                  sc.sel({"method": "mars_no_recenter", "modality": "text"}).values)
     # ActAdd at strength 1.5: a transformers forward with a hook adding 1.5 * mean difference
     ids = refusal_token_ids(s.mm.tokenizer)
     for layer in (1, 2):
@@ -456,6 +461,8 @@ def test_evaluate_methods_and_comparison(llava, tmp_path):
     _check_schema(ds, "comparison", {"value": ("method", "metric", "bound")})
     assert ds["metric"].values.tolist() == list(METRICS) and ds["bound"].values.tolist() == ["estimate", "low", "high"]
     assert ds.attrs["harmful_image_sha256"] == ps.sha256 and ds.attrs["model_id"] == s.mm.model_id
+    assert ds.attrs["seed"] == "" and ds.attrs["bootstrap_seed"] == 1 and json.loads(ds.attrs["n_prompts"])["none"] == {
+        "harmful_text": 3, "harmful_image": 2, "caption_accuracy": 2}
     v = ds["value"]
     est = v.sel({"method": "none", "metric": "harmful_text", "bound": "estimate"})
     assert est == pytest.approx(per["none"]["harmful_text"].mean())
