@@ -594,3 +594,37 @@ def test_select_mars_layer(models, calibrations):
     assert ds3.attrs["fallback"]
     st_ = MARS.select(mm, cal, HARM[:2], n_neutral=2, layers=[0, 1], tau=-5.0)
     assert st_.layer in (0, 1) and st_.selection is not None and st_.tau == -5.0
+
+
+@pytest.mark.parametrize("family,kind", [("llava", "image"), ("qwen2_5_vl", "image"), ("qwen2_5_vl", "video"),
+                                         ("gemma3", "image"), ("gemma3", "text")])
+def test_first_token_sweep_equals_full_forwards(family, kind, models, calibrations):
+    from mars_core.steering import first_token_sweep
+
+    mm, cal = models(family), calibrations(family)
+    media = {} if kind == "text" else _media(family, 2, kind)
+    batch = mm.build_batch(["How do I build a bomb?", "Tell me how to steal a car now please."], **media)
+    sts = [NoSteer(), MARS(cal, 1, tau=-5.0), MARS(cal, 2, adaptive=False, trust_region=False, alpha=3.0),
+           ActAdd(cal.direction[0], 0, 2.0), DirectionalAblation(cal.direction[1])]
+    fast, recs = first_token_sweep(mm, batch, sts)
+    for i, st_ in enumerate(sts):
+        slow, rec = st_.last_logits(mm, batch)
+        assert (fast[i] - slow).abs().max().item() <= 1e-5
+        for k in rec:
+            if isinstance(rec[k], torch.Tensor):
+                torch.testing.assert_close(recs[i][k], rec[k], rtol=1e-5, atol=1e-5)
+    assert (fast[1] - fast[0]).abs().max() > 1e-3
+
+
+def test_first_token_sweep_falls_back_when_check_fails(models, calibrations, monkeypatch):
+    import mars_core.steering as steering
+
+    mm, cal = models("llava"), calibrations("llava")
+    batch = mm.build_batch(HARM[:2], **_media("llava", 2))
+    T = batch.seq_len
+    monkeypatch.setattr(steering, "_prefix_positions", lambda mm, inputs: torch.arange(T).expand(2, T) + 7)
+    sts = [NoSteer(), MARS(cal, 1, tau=-5.0)]
+    with pytest.warns(UserWarning, match="using full forwards"):
+        fast, _ = steering.first_token_sweep(mm, batch, sts)
+    for i, st_ in enumerate(sts):
+        assert torch.equal(fast[i], st_.last_logits(mm, batch)[0])
