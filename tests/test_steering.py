@@ -622,7 +622,7 @@ def test_first_token_sweep_falls_back_when_check_fails(models, calibrations, mon
     mm, cal = models("llava"), calibrations("llava")
     batch = mm.build_batch(HARM[:2], **_media("llava", 2))
     T = batch.seq_len
-    monkeypatch.setattr(steering, "_prefix_positions", lambda mm, inputs: torch.arange(T).expand(2, T) + 7)
+    monkeypatch.setattr(steering, "_prefix_positions", lambda mm, inputs: torch.arange(T).flip(0).expand(2, T).contiguous())  # wrong: reversed
     sts = [NoSteer(), MARS(cal, 1, tau=-5.0)]
     with pytest.warns(UserWarning, match="using full forwards"):
         fast, _ = steering.first_token_sweep(mm, batch, sts)
