@@ -1,0 +1,434 @@
+"""`mars reproduce`: every analysis and figure of the MARS study, resumable.
+
+Steps (each cached under `OUT/.mars_cache/` by a key of its inputs, so a rerun after an
+interruption reuses finished steps; `fresh=True` recomputes everything):
+
+ 1. text refusal directions (difference of means, every layer and post-instruction position);
+ 2. text direction selection (bypass / induce / KL per layer and position);
+ 3. MARS calibration (neutral modality offsets) and MARS layer selection;
+ 4. AutoSteer fit (SAS layer, prober, refusal head);
+ 5. analyses: alignment, refusal curves, spurious refusal, direction stability across
+    checkpoints, method comparison (with bootstrap CIs);
+ 6. figures (PDF + PNG) and the comparison table (Markdown + JSON).
+
+Outputs: `OUT/data/*.nc` (+ directions and calibration as safetensors), `OUT/figures/*.pdf|png`
+and the comparison table `OUT/figures/comparison.md` / `comparison.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from mars_core.provenance import atomic_write_json, atomic_write_text
+
+from .cache import StepCache
+from .io import load_dataset, save_dataset
+
+
+@dataclass
+class Settings:
+    """Sizes of the run. `quick` shrinks everything for smoke tests."""
+
+    seed: int = 0
+    strengths: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0)
+    curve_layers: tuple[int, ...] | None = None  # None: every layer
+    max_new_tokens: int = 8
+    batch_size: int = 32
+    n_per_set: int | None = None  # cap on prompts per evaluation set (None: all)
+    actadd_coeff: float = 1.0
+    n_boot: int = 1000
+
+    @classmethod
+    def quick(cls) -> "Settings":
+        return cls(strengths=(0.5, 2.0), max_new_tokens=6, n_per_set=8, n_boot=200)
+
+
+@dataclass
+class Context:
+    """What the steps share."""
+
+    mm: Any
+    model_key: str
+    suite: dict
+    checkpoints: dict[str, Callable[[], Any]]  # name -> loader returning a MarsModel
+    settings: Settings
+    cache: StepCache
+    out: Path
+    log: Callable[[str], None]
+    artifacts: list[Path] = field(default_factory=list)
+
+
+def _set_hashes(ctx: Context, *names: str) -> dict[str, str]:
+    return {n: ctx.suite[n].sha256 for n in names if n in ctx.suite}
+
+
+def _cap(ctx: Context, name: str):
+    ps = ctx.suite[name]
+    n = ctx.settings.n_per_set
+    return ps if n is None or len(ps) <= n else ps.subset(_spread(len(ps), n))
+
+
+def _spread(total: int, n: int) -> list[int]:
+    """n indices spread evenly over range(total) (so every concept keeps some prompts)."""
+    import numpy as np
+
+    return sorted({int(i) for i in np.linspace(0, total - 1, n).round()})
+
+
+# -- steps --------------------------------------------------------------------------------
+def step_directions(ctx: Context):
+    from mars_core.directions import RefusalDirections
+
+    s = ctx.suite
+    return ctx.cache.get(
+        "directions",
+        {"model": ctx.model_key, **_set_hashes(ctx, "harmful_text_train", "harmless_text_train")},
+        lambda: RefusalDirections.extract(
+            ctx.mm, s["harmful_text_train"].texts, s["harmless_text_train"].texts,
+            batch_size=ctx.settings.batch_size, seed=ctx.settings.seed,
+            dataset_names=("harmful_text_train", "harmless_text_train"),
+        ),
+        lambda v, p: v.save(p),
+        lambda p: RefusalDirections.load(p, model=ctx.mm),
+        "safetensors",
+    )
+
+
+def step_text_selection(ctx: Context, dirs):
+    from mars_core.scoring import refusal_token_ids
+    from mars_core.selection import select_direction
+
+    harm, safe = _cap(ctx, "harmful_text"), _cap(ctx, "harmless_text")
+    return ctx.cache.get(
+        "text_selection",
+        {"model": ctx.model_key, "harm": harm.sha256, "safe": safe.sha256},
+        lambda: select_direction(
+            ctx.mm, dirs, harm.texts, safe.texts, layers=None, positions=None,
+            refusal_ids=refusal_token_ids(ctx.mm.tokenizer), batch_size=ctx.settings.batch_size,
+        ),
+        save_dataset, load_dataset, "nc",
+    )
+
+
+def step_calibration(ctx: Context, dirs):
+    """Neutral image offset o_image = mean(neutral image requests) - mean(same requests as text),
+    at the last prompt position of every layer, wrapped with the directions for MARS."""
+    import torch
+
+    from mars_core.capture import collect_activations
+    from mars_core.steering import MarsCalibration
+
+    neu_i, neu_t = ctx.suite["neutral_image"], ctx.suite["neutral_text"]
+
+    def compute():
+        kw = dict(positions="last", batch_size=ctx.settings.batch_size, progress=False)
+        mi = collect_activations(ctx.mm, neu_i.texts, images=neu_i.images, **kw)["mean"].sel(pos=-1).values
+        mt = collect_activations(ctx.mm, neu_t.texts, **kw)["mean"].sel(pos=-1).values
+        return MarsCalibration.from_directions(
+            dirs, {"image": torch.from_numpy(mi - mt)}, layers_path=ctx.mm.family.layers_path,
+            provenance={"model_id": ctx.mm.model_id, **neu_i.provenance(), **neu_t.provenance()},
+        )
+
+    return ctx.cache.get(
+        "calibration",
+        {"model": ctx.model_key, "neutral_image": neu_i.sha256, "neutral_text": neu_t.sha256},
+        compute,
+        lambda v, p: v.save(p),
+        lambda p: MarsCalibration.load(p, model=ctx.mm),
+        "safetensors",
+    )
+
+
+def step_mars_layer(ctx: Context, calib) -> tuple[int, Any]:
+    """MARS's intervention layer from harmful text and neutral images (`select_mars_layer`)."""
+    from mars_core.steering import select_mars_layer
+
+    harm = _cap(ctx, "harmful_text")
+    neu = ctx.suite["neutral_image"]
+    ds = ctx.cache.get(
+        "mars_layer_selection",
+        {"model": ctx.model_key, "harm": harm.sha256, "neutral": neu.sha256},
+        lambda: select_mars_layer(
+            ctx.mm, calib, harm.texts,
+            neutral={"image": {"texts": neu.texts, "images": neu.images}},
+            batch_size=ctx.settings.batch_size,
+        )[1],
+        save_dataset, load_dataset, "nc",
+    )
+    return int(ds.attrs["selected_layer"]), ds
+
+
+def fit_autosteer(ctx: Context, dirs):
+    """AutoSteer fitted on the text training pairs (SAS layer, prober, refusal head)."""
+    from mars_core.autosteer import AutoSteer
+
+    s = ctx.suite
+    return AutoSteer.fit(ctx.mm, s["harmful_text_train"].texts, s["harmless_text_train"].texts, dirs,
+                         seed=ctx.settings.seed, batch_size=ctx.settings.batch_size)
+
+
+def comparison_steerers(ctx: Context, dirs, calib, layer: int, autosteer) -> dict[str, Any]:
+    """Every method of the comparison table, at MARS's layer unless the method picks its own."""
+    from mars_core.steering import MARS, ActAdd, NoSteer
+
+    given = max(0, layer - 1) if layer > 0 else min(ctx.mm.n_layers - 1, layer + 1)
+    lp = ctx.mm.family.layers_path
+    return {
+        "none": NoSteer(),
+        "actadd": ActAdd.from_directions(dirs, layer, ctx.settings.actadd_coeff, layers_path=lp),
+        "actadd_all_tokens": ActAdd.from_directions(dirs, layer, ctx.settings.actadd_coeff, scope="every",
+                                                    layers_path=lp),
+        "autosteer": autosteer,
+        "mars": MARS(calib, layer),
+        "mars_no_recenter": MARS(calib, layer, recenter=False),
+        "mars_fixed_strength": MARS(calib, layer, adaptive=False, alpha=ctx.settings.actadd_coeff * _gap(calib, layer)),
+        "mars_given_layer": MARS(calib, given),
+        "mars_all_tokens": MARS(calib, layer, scope="every"),
+    }
+
+
+def _gap(calib, layer: int) -> float:
+    at = calib.at(layer)
+    return float(at["p_harm"] - at["p_safe"])
+
+
+def step_alignment(ctx: Context, dirs):
+    from .alignment import layer_alignment
+
+    s = ctx.suite
+    return ctx.cache.get(
+        "alignment",
+        {"model": ctx.model_key, **_set_hashes(ctx, "harmful_image_cal", "harmless_image_cal", "neutral_text",
+                                                "neutral_image", "harmful_text_train", "harmless_text_train")},
+        lambda: layer_alignment(
+            ctx.mm, dirs, {"image": s["harmful_image_cal"]}, {"image": s["harmless_image_cal"]},
+            {"text": s["neutral_text"], "image": s["neutral_image"]},
+            batch_size=ctx.settings.batch_size, seed=ctx.settings.seed,
+        ),
+        save_dataset, load_dataset, "nc",
+    )
+
+
+def step_curves(ctx: Context, dirs, calib, layer: int):
+    from .curves import refusal_curves
+
+    prompts = {
+        ("text", "harmful"): _cap(ctx, "harmful_text"),
+        ("text", "harmless"): _cap(ctx, "harmless_text"),
+        ("image", "harmful"): _cap(ctx, "harmful_image"),
+        ("image", "harmless"): _cap(ctx, "harmless_image"),
+    }
+    layers = list(ctx.settings.curve_layers or range(ctx.mm.n_layers))
+    st = ctx.settings
+
+    def compute():
+        ds = refusal_curves(
+            ctx.mm, dirs, calib, prompts, layers=layers, strengths=list(st.strengths),
+            methods=("none", "actadd", "mars", "mars_no_recenter", "mars_fixed_strength"),
+            generate=True, max_new_tokens=st.max_new_tokens, batch_size=st.batch_size, seed=st.seed,
+        )
+        ds.attrs["layer"] = int(layer)
+        return ds
+
+    return ctx.cache.get(
+        "refusal_curves",
+        {"model": ctx.model_key, "sets": {f"{m}/{p}": v.sha256 for (m, p), v in prompts.items()},
+         "layers": layers, "strengths": list(st.strengths), "tokens": st.max_new_tokens, "layer": layer},
+        compute, save_dataset, load_dataset, "nc",
+    )
+
+
+def step_spurious(ctx: Context, calib, layer: int):
+    from .spurious import spurious_refusal
+
+    safe = {"image": _cap(ctx, "harmless_image")}
+    st = ctx.settings
+    return ctx.cache.get(
+        "spurious_refusal",
+        {"model": ctx.model_key, "safe": safe["image"].sha256, "layer": layer, "strengths": list(st.strengths),
+         "tokens": st.max_new_tokens},
+        lambda: spurious_refusal(ctx.mm, calib, safe, layer=layer, strengths=list(st.strengths), generate=True,
+                                 max_new_tokens=st.max_new_tokens, batch_size=st.batch_size, seed=st.seed),
+        save_dataset, load_dataset, "nc",
+    )
+
+
+def step_stability(ctx: Context, layer: int):
+    """Directions from every checkpoint, their cosines, and transplanted steering."""
+    from mars_core.directions import RefusalDirections
+
+    from .stability import direction_stability, make_transplant
+
+    if len(ctx.checkpoints) < 2:
+        ctx.log("stability: fewer than two checkpoints; skipped")
+        return None
+    s = ctx.suite
+    harm_img = _cap(ctx, "harmful_image")
+
+    def compute():
+        models, dirs = {}, {}
+        for name, loader in ctx.checkpoints.items():
+            models[name] = loader()
+            dirs[name] = RefusalDirections.extract(
+                models[name], s["harmful_text_train"].texts, s["harmless_text_train"].texts,
+                positions="last", batch_size=ctx.settings.batch_size, seed=ctx.settings.seed,
+            )
+        transplant = make_transplant(models, dirs, harm_img, layer=layer, coeff=ctx.settings.actadd_coeff,
+                                     max_new_tokens=ctx.settings.max_new_tokens, batch_size=ctx.settings.batch_size)
+        return direction_stability(dirs, k=3, transplant=transplant, seed=ctx.settings.seed)
+
+    return ctx.cache.get(
+        "stability",
+        {"checkpoints": list(ctx.checkpoints), "model": ctx.model_key, "harm_img": harm_img.sha256, "layer": layer,
+         **_set_hashes(ctx, "harmful_text_train", "harmless_text_train")},
+        compute, save_dataset, load_dataset, "nc",
+    )
+
+
+def step_comparison(ctx: Context, dirs, calib, layer: int):
+    from mars_core.scoring import SubstringJudge
+
+    from .comparison import evaluate_methods, method_comparison
+    from .suite import caption_check
+
+    eval_sets = {
+        "harmful_text": _cap(ctx, "harmful_text"),
+        "harmless_text": _cap(ctx, "harmless_text"),
+        "harmful_image": _cap(ctx, "harmful_image"),
+        "harmless_image": _cap(ctx, "harmless_image"),
+        "caption_accuracy": _cap(ctx, "captions"),
+    }
+    st = ctx.settings
+
+    def compute():
+        steerers = comparison_steerers(ctx, dirs, calib, layer, fit_autosteer(ctx, dirs))
+        per = evaluate_methods(ctx.mm, steerers, eval_sets, judge=SubstringJudge(), caption_check=caption_check,
+                               max_new_tokens=st.max_new_tokens, batch_size=st.batch_size, seed=st.seed)
+        ds = method_comparison(per, n_boot=st.n_boot, seed=st.seed)
+        ds.attrs.update({"layer": int(layer), "steerers": json.dumps(per.provenance.get("steerers", {}))})
+        return ds
+
+    return ctx.cache.get(
+        "comparison",
+        {"model": ctx.model_key, "sets": {k: v.sha256 for k, v in eval_sets.items()}, "layer": layer,
+         "tokens": st.max_new_tokens, "coeff": st.actadd_coeff, "boot": st.n_boot, "seed": st.seed},
+        compute, save_dataset, load_dataset, "nc",
+    )
+
+
+# -- driver ---------------------------------------------------------------------------------
+def organism_context(out: Path, *, fresh: bool, settings: Settings, log) -> Context:
+    """The built-in organism, its prompt suite and its training checkpoints."""
+    from mars_core.model import load_model
+    from mars_core.organism import load_organism
+    from mars_core.organism.load import checkpoint_dirs, load_checkpoint
+
+    from .suite import organism_suite
+
+    mm = load_model(*load_organism("natural"), family="llava")
+    mm.model_id = "mars-organism/natural"
+    ckpts = {name: (lambda p=path: load_model(*load_checkpoint(p))) for name, path in checkpoint_dirs().items()}
+    return Context(mm, f"{mm.model_id}:{mm.config_hash}:{_weights_hash(mm)}", organism_suite(settings.seed), ckpts,
+                   settings, StepCache(out / ".mars_cache", fresh), out, log)
+
+
+def hub_context(model_id: str, out: Path, *, fresh: bool, settings: Settings, log, remote: bool = False,
+                dtype: str | None = None, device_map: str | None = None) -> Context:
+    """A hub model (or local directory) with the data-free typographic suite."""
+    from mars_core.model import load_model
+    from mars_core.steering import image_side
+
+    from .suite import typographic_suite
+
+    mm = load_model(model_id, dtype=dtype, device_map=device_map, remote=remote)
+    suite = typographic_suite(settings.seed, image_size=image_side(mm))
+    return Context(mm, f"{model_id}:{mm.config_hash}", suite, {}, settings, StepCache(out / ".mars_cache", fresh),
+                   out, log)
+
+
+def _weights_hash(mm) -> str:
+    """Hash of the model's parameters (cheap for small models; cache keys must see retraining)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, p in sorted(mm.hf.state_dict().items()):
+        h.update(name.encode())
+        h.update(p.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def run(ctx: Context, figures: bool = True) -> dict[str, Path]:
+    """Run every step for `ctx`, write data (and, if `figures`, the figures and the comparison
+    table); returns {artifact name: path}."""
+    out, log = ctx.out, ctx.log
+    data, figs = out / "data", out / "figures"
+    written: dict[str, Path] = {}
+    t0 = time.perf_counter()
+
+    def note(name: str, path: Path):
+        written[name] = path
+        log(f"wrote {path}")
+
+    def save_nc(name: str, ds):
+        note(name, save_dataset(ds, data / f"{name}.nc"))
+
+    def stage(msg: str):
+        log(f"[{time.perf_counter() - t0:6.1f}s] {msg}")
+
+    stage("text refusal directions")
+    dirs = step_directions(ctx)
+    note("directions", dirs.save(data / "directions.safetensors"))
+    stage("text direction selection")
+    save_nc("text_selection", step_text_selection(ctx, dirs))
+    stage("MARS calibration and layer selection")
+    calib = step_calibration(ctx, dirs)
+    note("calibration", calib.save(data / "calibration.safetensors"))
+    layer, layer_ds = step_mars_layer(ctx, calib)
+    save_nc("mars_layer_selection", layer_ds)
+    log(f"MARS layer: {layer}")
+    stage("alignment")
+    datasets = {"alignment": step_alignment(ctx, dirs)}
+    stage("refusal curves")
+    datasets["refusal_curves"] = step_curves(ctx, dirs, calib, layer)
+    stage("spurious refusal")
+    datasets["spurious_refusal"] = step_spurious(ctx, calib, layer)
+    stage("direction stability")
+    stab = step_stability(ctx, layer)
+    if stab is not None:
+        datasets["stability"] = stab
+    stage("method comparison")
+    datasets["comparison"] = step_comparison(ctx, dirs, calib, layer)
+    for name, ds in datasets.items():
+        save_nc(name, ds)
+    if figures:
+        stage("figures")
+        written.update(write_figures(datasets, figs, log))
+    reused = sum(1 for e in ctx.cache.events if e[1] == "reused")
+    stage(f"done: {len(written)} artifacts, {reused} of {len(ctx.cache.events)} cached steps reused")
+    return written
+
+
+def write_figures(datasets: dict[str, Any], figs: Path, log=print) -> dict[str, Path]:
+    """Every figure of every Dataset, plus the comparison table; returns {name: path}."""
+    from . import plotting
+    from .comparison import comparison_json, comparison_table_markdown
+
+    written: dict[str, Path] = {}
+
+    def note(name: str, path: Path):
+        written[name] = Path(path)
+        log(f"wrote {path}")
+
+    for ds in datasets.values():
+        for path in plotting.plot_dataset(ds, figs):
+            note(f"figure:{Path(path).name}", Path(path))
+    cmp = datasets.get("comparison")
+    if cmp is None:
+        return written
+    note("comparison.md", atomic_write_text(figs / "comparison.md", comparison_table_markdown(cmp) + "\n"))
+    note("comparison.json", atomic_write_json(figs / "comparison.json", comparison_json(cmp)))
+    return written
