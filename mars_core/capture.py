@@ -11,6 +11,7 @@ post-instruction tokens `batch.post_positions` (e.g. `(-5, ..., -1)`), "last" me
 
 from __future__ import annotations
 
+import gc
 from typing import Any, Sequence
 
 import nnsight
@@ -116,7 +117,9 @@ def collect_activations(
     rows: list[list[torch.Tensor]] = [[] for _ in layer_idx]
     pos_ref: tuple[int, ...] | None = None
     modality = "text"
-    for s in starts:
+    for i_batch, s in enumerate(starts):
+        if i_batch and i_batch % 64 == 0:
+            gc.collect()  # nnsight leaves small reference cycles per trace; keep memory flat
         sl = slice(s, s + batch_size)
         batch = mm.build_batch(
             texts[sl],
