@@ -887,8 +887,9 @@ def select_mars_layer(
 ):
     """Choose MARS's intervention layer from text-only data and neutral multimodal inputs.
 
-    For every candidate layer l (default: calibrated layers below floor(n_layers * (1 -
-    prune_layer_frac))), MARS at l (with `mars_kwargs`) is run on
+    For every candidate layer l (default: every calibrated layer; those at or above
+    floor(n_layers * (1 - prune_layer_frac)) are evaluated but not eligible), MARS at l (with `mars_kwargs`; scored with `first_token_sweep`, so a
+    batch costs one prefill plus one single-token forward per layer) is run on
       - the harmful text prompts: induced[l] = mean first-token refusal log-odds, and
       - neutral inputs of each calibrated modality m (default: fresh neutral images/videos drawn
         with `seed`, n_neutral each): spurious[m, l] = mean refusal log-odds, and
@@ -934,33 +935,37 @@ def select_mars_layer(
                                       videos=None if videos is None else list(videos)[sl]))
         return out
 
-    def run(steerer, bs):
-        scores, alphas, ss = [], [], []
+    steerers = [NoSteer()] + [MARS(calibration, l, **mars_kwargs) for l in cand]
+
+    def run(bs):
+        """For [no steering] + MARS at each candidate: mean refusal log-odds, mean alpha, gate
+        rate, mean s over the batches (one shared-prefix sweep per batch)."""
+        n = len(steerers)
+        scores, alphas, ss = [[] for _ in range(n)], [[] for _ in range(n)], [[] for _ in range(n)]
         for b in bs:
-            logits, rec = steerer.last_logits(mm, b)
-            scores.append(first_token_refusal_score(logits, refusal_ids))
-            if "alpha" in rec:
-                alphas.append(rec["alpha"].to(torch.float64))
-                ss.append(rec["score"].to(torch.float64))
-        sc = torch.cat(scores)
-        al = torch.cat(alphas) if alphas else torch.zeros_like(sc)
-        s = torch.cat(ss) if ss else torch.full_like(sc, float("nan"))
-        return float(sc.mean()), float(al.mean()), float((al > 0).double().mean()), float(s.mean())
+            logits, recs = first_token_sweep(mm, b, steerers)
+            for j in range(n):
+                scores[j].append(first_token_refusal_score(logits[j], refusal_ids))
+                if "alpha" in recs[j]:
+                    alphas[j].append(recs[j]["alpha"].to(torch.float64))
+                    ss[j].append(recs[j]["score"].to(torch.float64))
+        out = []
+        for j in range(n):
+            sc = torch.cat(scores[j])
+            al = torch.cat(alphas[j]) if alphas[j] else torch.zeros_like(sc)
+            s_ = torch.cat(ss[j]) if ss[j] else torch.full_like(sc, float("nan"))
+            out.append((float(sc.mean()), float(al.mean()), float((al > 0).double().mean()), float(s_.mean())))
+        return out
 
     harm_b = batches(harmful_texts)
     neu_b = {m: batches(neutral[m]["texts"], neutral[m].get("images"), neutral[m].get("videos")) for m in mods}
-    base = NoSteer()
-    induced_base = run(base, harm_b)[0]
-    spurious_base = np.array([run(base, neu_b[m])[0] for m in mods])
-
     L, M = len(cand), len(mods)
-    induced, a_h, g_h, s_h = (np.zeros(L) for _ in range(4))
-    spur, a_n, g_n, s_n = (np.zeros((M, L)) for _ in range(4))
-    for j, l in enumerate(cand):
-        st = MARS(calibration, l, **mars_kwargs)
-        induced[j], a_h[j], g_h[j], s_h[j] = run(st, harm_b)
-        for i, m in enumerate(mods):
-            spur[i, j], a_n[i, j], g_n[i, j], s_n[i, j] = run(st, neu_b[m])
+    res_h = run(harm_b)
+    res_n = [run(neu_b[m]) for m in mods]
+    induced_base = res_h[0][0]
+    spurious_base = np.array([r[0][0] for r in res_n])
+    induced, a_h, g_h, s_h = (np.array([r[k] for r in res_h[1:]]) for k in range(4))
+    spur, a_n, g_n, s_n = (np.array([[r[k] for r in rn[1:]] for rn in res_n]).reshape(M, L) for k in range(4))
     spur_delta = spur - spurious_base[:, None]
     worst = spur_delta.max(0) if M else np.zeros(L)
     pass_layer = np.array([l < cut for l in cand]) if layer is None else np.ones(L, bool)
