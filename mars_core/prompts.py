@@ -2,7 +2,9 @@
 
 A `PromptSet` is the unit every extraction, steering run and analysis takes: `name`
 ("harmful_image", ...), `texts` (user messages), at most one of `images` / `videos` (one per
-text), and `harmful` (True, False, or None for neutral/unlabelled sets).
+text), and `harmful` (True, False, or None for neutral/unlabelled sets). `meta` holds extra fields; a
+list with one entry per prompt (e.g. `meta["concepts"]`, reference answers) is per-prompt
+and follows `subset`.
 """
 
 from __future__ import annotations
@@ -78,8 +80,13 @@ class PromptSet:
             idx = range(len(self))[idx]
         idx = list(idx)
         pick = lambda xs: None if xs is None else [xs[i] for i in idx]  # noqa: E731
+        meta = {k: pick(v) if self._per_prompt(v) else v for k, v in self.meta.items()}
         return PromptSet(name or self.name, pick(self.texts), pick(self.images), pick(self.videos),
-                         self.harmful, dict(self.meta))
+                         self.harmful, meta)
+
+    def _per_prompt(self, value: Any) -> bool:
+        """A meta entry is per-prompt (and follows subsets) when it is a list/tuple of len(self)."""
+        return isinstance(value, (list, tuple)) and len(value) == len(self)
 
     @property
     def sha256(self) -> str:

@@ -12,13 +12,15 @@ def _img(v):
 
 
 def test_modality_batches_subset():
-    ps = PromptSet("harmful_image", ["a", "b", "c"], images=[_img(0), _img(1), _img(2)], harmful=True)
+    ps = PromptSet("harmful_image", ["a", "b", "c"], images=[_img(0), _img(1), _img(2)], harmful=True,
+                   meta={"concepts": ["x", "y", "z"], "source": "unit"})
     assert ps.modality == "image" and len(ps) == 3
     chunks = list(ps.batches(2))
     assert [c[0] for c in chunks] == [["a", "b"], ["c"]]
     assert int(chunks[1][1]["images"][0][0, 0, 0]) == 2
     sub = ps.subset([2, 0])
     assert sub.texts == ["c", "a"] and int(sub.images[0][0, 0, 0]) == 2 and sub.harmful is True
+    assert sub.meta == {"concepts": ["z", "x"], "source": "unit"}  # per-prompt meta follows the rows
     assert PromptSet("t", ["x"]).modality == "text"
     assert PromptSet("v", ["x"], videos=[np.zeros((2, 4, 4, 3), np.uint8)]).modality == "video"
 
