@@ -114,29 +114,37 @@ def step_text_selection(ctx: Context, dirs):
     )
 
 
-def step_calibration(ctx: Context, dirs):
-    """Neutral image offset o_image = mean(neutral image requests) - mean(same requests as text),
-    at the last prompt position of every layer, wrapped with the directions for MARS."""
+def neutral_calibration(mm, dirs, neutral_text, neutral_media: dict, *, batch_size: int = 8):
+    """MarsCalibration whose offset for each modality m is o_m = mean(neutral m requests) -
+    mean(neutral text requests), at the last prompt position of every layer.
+
+    neutral_text: PromptSet of benign requests without media; neutral_media: {modality:
+    PromptSet of benign requests with neutral images/videos}. No unsafe data is involved.
+    """
     import torch
 
     from mars_core.capture import collect_activations
     from mars_core.steering import MarsCalibration
 
+    kw = dict(positions="last", batch_size=batch_size, progress=False)
+    mt = collect_activations(mm, neutral_text.texts, **kw)["mean"].sel(pos=-1).values
+    offsets, prov = {}, {"model_id": mm.model_id, **neutral_text.provenance()}
+    for m, ps in neutral_media.items():
+        mi = collect_activations(mm, ps.texts, **ps.media_kwargs(), **kw)["mean"].sel(pos=-1).values
+        offsets[m] = torch.from_numpy(mi - mt)
+        prov.update(ps.provenance())
+    return MarsCalibration.from_directions(dirs, offsets, layers_path=mm.family.layers_path, provenance=prov)
+
+
+def step_calibration(ctx: Context, dirs):
+    """`neutral_calibration` on the suite's neutral sets, cached."""
+    from mars_core.steering import MarsCalibration
+
     neu_i, neu_t = ctx.suite["neutral_image"], ctx.suite["neutral_text"]
-
-    def compute():
-        kw = dict(positions="last", batch_size=ctx.settings.batch_size, progress=False)
-        mi = collect_activations(ctx.mm, neu_i.texts, images=neu_i.images, **kw)["mean"].sel(pos=-1).values
-        mt = collect_activations(ctx.mm, neu_t.texts, **kw)["mean"].sel(pos=-1).values
-        return MarsCalibration.from_directions(
-            dirs, {"image": torch.from_numpy(mi - mt)}, layers_path=ctx.mm.family.layers_path,
-            provenance={"model_id": ctx.mm.model_id, **neu_i.provenance(), **neu_t.provenance()},
-        )
-
     return ctx.cache.get(
         "calibration",
         {"model": ctx.model_key, "neutral_image": neu_i.sha256, "neutral_text": neu_t.sha256},
-        compute,
+        lambda: neutral_calibration(ctx.mm, dirs, neu_t, {"image": neu_i}, batch_size=ctx.settings.batch_size),
         lambda v, p: v.save(p),
         lambda p: MarsCalibration.load(p, model=ctx.mm),
         "safetensors",
