@@ -198,8 +198,12 @@ def test_shortened_retrain_smoke(tmp_path):
     from mars_core.organism.load import load_checkpoint
     from mars_core.organism.train import train
 
+    n_threads = torch.get_num_threads()
     t0 = time.time()
-    log = train(seed=0, out=tmp_path, steps_scale=0.004, extra_steps=1, quiet=True)
+    try:  # one thread: on a shared 2-core machine two threads spin-wait and run slower
+        log = train(seed=0, out=tmp_path, steps_scale=0.002, extra_steps=1, threads=1, quiet=True)
+    finally:
+        torch.set_num_threads(n_threads)
     assert time.time() - t0 < 60
     for st in ["stage1", "stage2", "stage3", "stage4_extra"]:
         d = tmp_path / st

@@ -59,6 +59,10 @@ from .images import image_pool
 DEFAULT_STEPS = {"stage1": 1500, "stage2_min": 1000, "stage2_max": 2000, "stage3": 800,
                  "extra": 200}
 BATCH = 64
+# Stage 3 trains the language model only. Training the projector too (as in the first
+# experiments) let it move image tokens off the noun embeddings: on seed 0 the AUC of image
+# activations along the text direction fell from 0.99 (end of stage 2) to 0.73.
+STAGE3_PARTS = {"lm"}
 IMAGES_PER_CONCEPT = 48  # training pool; evaluation draws fresh images from another stream
 
 
@@ -252,7 +256,7 @@ def data_hashes(seed: int) -> dict:
 
 
 def train(seed: int, out: str | os.PathLike, steps_scale: float = 1.0, extra_steps: int | None = None,
-          threads: int | None = None, quiet: bool = False) -> dict:
+          threads: int | None = None, quiet: bool = False, from_stage2: str | None = None) -> dict:
     if threads:
         torch.set_num_threads(threads)
     out = Path(out)
@@ -272,8 +276,21 @@ def train(seed: int, out: str | os.PathLike, steps_scale: float = 1.0, extra_ste
     log: dict = {"steps": S, "seed": seed, "steps_scale": steps_scale, "torch_threads": torch.get_num_threads()}
     prov = make_provenance(kind="mars-organism", seed=seed, steps_scale=steps_scale,
                            config_hash=config_hash(model.config), data_hashes=data_hashes(seed),
-                           recipe="staged-v1")
+                           recipe="staged-v2 (stage 3: LM only)")
     times = {}
+
+    if from_stage2:
+        from transformers import LlavaForConditionalGeneration
+
+        model = LlavaForConditionalGeneration.from_pretrained(from_stage2, local_files_only=True)
+        model.generation_config.do_sample = False
+        prev = Path(from_stage2).parent / "train_log.json"
+        if prev.exists():
+            old = json.loads(prev.read_text())
+            log.update({k: old[k] for k in ("stage1", "stage2", "stage2_probe") if k in old})
+            times.update({k: old["wall_s"][k] for k in ("stage1", "stage2") if k in old.get("wall_s", {})})
+        log["resumed_from_stage2"] = str(from_stage2)
+        return _stage3_on(model, proc, enc, seed, S, pool, log, times, prov, out, quiet)
 
     t0 = time.time()
     run_stage(model, enc, "stage1", S["stage1"], 2e-3, {"lm"}, stage1_batch, rng, nrng, pool, log)
@@ -297,9 +314,17 @@ def train(seed: int, out: str | os.PathLike, steps_scale: float = 1.0, extra_ste
     log["stage2_probe"] = acc_hist
     times["stage2"] = time.time() - t0
     save_checkpoint(model, proc, out, "stage2", prov)
+    return _stage3_on(model, proc, enc, seed, S, pool, log, times, prov, out, quiet)
 
+
+def _stage3_on(model, proc, enc, seed, S, pool, log, times, prov, out, quiet):
+
+    # stage 3 draws from its own streams, so resuming from a saved stage-2 checkpoint
+    # (--from-stage2) reproduces a full run exactly
+    rng = random.Random(seed * 1000 + 3)
+    nrng = np.random.default_rng([seed, 3])
     t0 = time.time()
-    opt = run_stage(model, enc, "stage3", S["stage3"], 1e-3, {"lm", "projector"}, stage3_batch, rng,
+    opt = run_stage(model, enc, "stage3", S["stage3"], 1e-3, STAGE3_PARTS, stage3_batch, rng,
                     nrng, pool, log)
     times["stage3"] = time.time() - t0
     save_checkpoint(model, proc, out, "stage3", prov)
@@ -307,7 +332,7 @@ def train(seed: int, out: str | os.PathLike, steps_scale: float = 1.0, extra_ste
     if S["extra"] > 0:
         t0 = time.time()
         # continued stage-3 training at the final stage-3 learning rate
-        run_stage(model, enc, "extra", S["extra"], 1e-4, {"lm", "projector"}, stage3_batch, rng,
+        run_stage(model, enc, "extra", S["extra"], 1e-4, STAGE3_PARTS, stage3_batch, rng,
                   nrng, pool, log)
         times["extra"] = time.time() - t0
         save_checkpoint(model, proc, out, "stage4_extra", prov)
@@ -315,7 +340,7 @@ def train(seed: int, out: str | os.PathLike, steps_scale: float = 1.0, extra_ste
     log["provenance"] = prov
     atomic_write_json(out / "train_log.json", log)
     if not quiet:
-        print(json.dumps({"wall_s": times, "stage2_probe": acc_hist[-1]}, indent=1))
+        print(json.dumps({"wall_s": times, "stage2_probe": log.get("stage2_probe", [])[-1:]}, indent=1))
     return log
 
 
@@ -327,8 +352,10 @@ def main(argv=None):
                     help="multiply every stage's step count (0.1 for a smoke run)")
     ap.add_argument("--extra-steps", type=int, default=None)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--from-stage2", default=None,
+                    help="resume: run stage 3 (+extra) from a saved stage-2 checkpoint of the same seed")
     a = ap.parse_args(argv)
-    train(a.seed, a.out, a.steps_scale, a.extra_steps, a.threads)
+    train(a.seed, a.out, a.steps_scale, a.extra_steps, a.threads, from_stage2=a.from_stage2)
 
 
 if __name__ == "__main__":
