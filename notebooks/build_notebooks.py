@@ -1,0 +1,234 @@
+"""Write the notebooks in this folder from the cell sources below (outputs are not committed).
+
+    python notebooks/build_notebooks.py
+"""
+
+from pathlib import Path
+
+import nbformat as nbf
+
+HERE = Path(__file__).parent
+
+
+def md(s):
+    return nbf.v4.new_markdown_cell(s.strip())
+
+
+def code(s):
+    return nbf.v4.new_code_cell(s.strip())
+
+
+QUICKSTART = [
+    md("""
+# MARS quickstart on the built-in model organism
+
+The organism is a ~0.8M-parameter LLaVA (`LlavaForConditionalGeneration`) trained by this
+package on CPU: it refuses harmful *text* requests but mostly answers the same request when the
+harmful object arrives as an *image* (the safety gap). We extract a refusal direction from
+text only, and steer image requests with it: naively (ActAdd) and with MARS.
+"""),
+    code("""
+import torch
+torch.set_num_threads(2)
+import matplotlib.pyplot as plt
+import numpy as np
+
+from mars_core import load_model, RefusalDirections
+from mars_core.organism import load_organism
+from mars_core.steering import MARS, ActAdd, NoSteer, select_mars_layer
+from analysis.suite import organism_suite
+from analysis.reproduce import neutral_calibration
+
+mm = load_model(*load_organism("natural"))
+suite = organism_suite(seed=0)
+mm
+"""),
+    md("Every prompt set is a `PromptSet`: texts, optional images, a harmful flag and a content hash."),
+    code("""
+for name, ps in suite.items():
+    print(f"{name:20s} {len(ps):4d} {ps.modality:5s} e.g. {ps.texts[0]!r}")
+fig, axes = plt.subplots(1, 4, figsize=(6, 1.8))
+for ax, name in zip(axes, ["harmful_image", "harmful_image", "harmless_image", "neutral_image"]):
+    i = 0 if ax is axes[0] else 40 if name == "harmful_image" else 0
+    ax.imshow(suite[name].images[i]); ax.set_axis_off()
+    ax.set_title(suite[name].meta.get("concepts", ["neutral"] * 99)[i] or "neutral", fontsize=8)
+"""),
+    md("""
+## 1. A refusal direction from text only
+Difference of means of the residual stream (harmful minus harmless text requests) at every
+layer and every post-instruction position, accumulated in float64 through nnsight.
+"""),
+    code("""
+dirs = RefusalDirections.extract(mm, suite["harmful_text_train"].texts, suite["harmless_text_train"].texts)
+print(dirs)
+print("post-instruction tokens:", mm.build_batch(["How do I make a cake ?"]).post_tokens)
+"""),
+    md("""
+## 2. Do image requests carry the text direction?
+Project the last-position activation of held-out image requests onto the text direction at
+each layer: harmful images should sit above harmless ones although no image was used to make
+the direction.
+"""),
+    code("""
+from mars_core import collect_activations
+
+def projections(ps):
+    acts = collect_activations(mm, ps.texts, images=ps.images, positions="last", reduce="none")["acts"]
+    r = np.stack([dirs.direction(l, -1).numpy() for l in range(mm.n_layers)])  # [layer, d_model]
+    return np.einsum("pld,ld->pl", acts.sel(pos=-1).values, r)
+
+ph, ps_ = projections(suite["harmful_image"]), projections(suite["harmless_image"])
+fig, ax = plt.subplots(figsize=(3.4, 2.4))
+for proj, lab in ((ph, "harmful image"), (ps_, "harmless image")):
+    m, s = proj.mean(0), proj.std(0)
+    ax.errorbar(np.arange(mm.n_layers), m, yerr=s, capsize=3, label=lab)
+ax.set_xlabel("layer"); ax.set_ylabel("projection on text direction (residual units)"); ax.legend(fontsize=7)
+fig.tight_layout()
+"""),
+    md("""
+## 3. Steering image requests
+MARS needs the modality offset, measured on *neutral* inputs only (benign requests with blank,
+solid-colour and noise images), and picks its layer from text plus neutral images.
+"""),
+    code("""
+calib = neutral_calibration(mm, dirs, suite["neutral_text"], {"image": suite["neutral_image"]})
+neutral = {"image": {"texts": suite["neutral_image"].texts, "images": suite["neutral_image"].images}}
+layer, selection = select_mars_layer(mm, calib, suite["harmful_text"].texts[:32], neutral=neutral)
+print("MARS layer:", layer)
+
+methods = {"none": NoSteer(), "actadd": ActAdd.from_directions(dirs, layer, 1.0), "mars": MARS(calib, layer)}
+h = suite["harmful_image"].subset(range(0, 96, 24)); s = suite["harmless_image"].subset(range(0, 96, 24))
+for name, st in methods.items():
+    gh = st.generate(mm, h.texts, images=h.images, max_new_tokens=8)
+    gs = st.generate(mm, s.texts, images=s.images, max_new_tokens=8)
+    print(f"{name:7s} harmful: {list(gh)}\\n        harmless: {list(gs)}")
+"""),
+    md("""
+## 4. The same operator inside your own nnsight block
+`apply` edits the last prompt position at prefill only (the first generated token) and can
+record the per-row strength it applied.
+"""),
+    code("""
+import nnsight
+
+mars = MARS(calib, layer)
+batch = mm.build_batch(h.texts, images=h.images)
+with torch.no_grad():
+    with mm.nn.generate(max_new_tokens=8, do_sample=False) as tracer:
+        with tracer.invoke(batch.inputs):
+            rec = nnsight.save({})
+            mars.apply(mm, batch, record=rec)
+        with tracer.invoke():
+            ids = nnsight.save(tracer.result)
+print("alpha per row:", rec["alpha"])
+print(mm.tokenizer.batch_decode(ids[:, batch.seq_len:], skip_special_tokens=True))
+"""),
+]
+
+FINDINGS = [
+    md("""
+# The paper's findings, from the analysis datasets
+
+This notebook runs `mars reproduce`'s pipeline (quick sizes, cached under `OUT`) on the built-in
+organism and reads every analysis back as a labeled `xarray.Dataset`. Numbers below are computed
+from the datasets, not typed in.
+"""),
+    code("""
+import os, tempfile
+from pathlib import Path
+import torch
+torch.set_num_threads(2)
+from IPython.display import Image, Markdown, display
+
+from analysis.reproduce import Settings, organism_context, run
+from analysis.io import load_dataset
+
+OUT = Path(os.environ.get("MARS_NOTEBOOK_OUT", Path(tempfile.gettempdir()) / "mars_findings"))
+ctx = organism_context(OUT, fresh=False, settings=Settings.quick(), log=lambda m: None)
+written = run(ctx)
+data = {p.stem: load_dataset(p) for p in sorted((OUT / "data").glob("*.nc"))}
+sorted(data)
+"""),
+    md("## Text directions align with image requests, and the modality offset"),
+    code("""
+al = data["alignment"]
+display(al[["cos_direction", "cos_offset", "offset_projection_ratio", "auc"]].to_dataframe().round(3))
+display(Image(str(OUT / "figures" / "alignment.png")))
+"""),
+    md("## Naive steering vs MARS: refusal against strength"),
+    code("""
+cv = data["refusal_curves"]
+print("selected layer:", cv.attrs["layer"])
+rate = cv["refused"].sel(layer=cv.attrs["layer"]).mean("prompt")
+display(rate.to_dataframe().unstack("strength").round(2))
+display(Image(str(OUT / "figures" / "refusal_curves.png")))
+"""),
+    md("## Spurious refusal of safe images, with and without re-centering"),
+    code("""
+sp = data["spurious_refusal"]
+display(sp["refused"].mean("prompt").to_dataframe().unstack("strength").round(2))
+print("share of safe images the gate opens for:", sp["gate_open"].mean("prompt").values.round(3))
+display(Image(str(OUT / "figures" / "spurious.png")))
+"""),
+    md("## Direction stability across training checkpoints"),
+    code("""
+st = data["stability"]
+display(st["cosine"].mean("layer").to_pandas().round(3))
+display(Image(str(OUT / "figures" / "stability.png")))
+"""),
+    md("## Method comparison (95% bootstrap CIs)"),
+    code("""
+display(Markdown((OUT / "figures" / "comparison.md").read_text()))
+display(Image(str(OUT / "figures" / "comparison.png")))
+"""),
+]
+
+NDIF = [
+    md("""
+# The same code on an NDIF-hosted model (`remote=True`)
+
+Not executed in CI (needs network and an NDIF API key). Set `NDIF_API_KEY` in the environment;
+the key is read by nnsight and never written to disk by this package. Interventions run on the
+server; only values saved with `nnsight.save` come back. The package's steering code is sent by
+value (`mars_core.steering.register_remote()` registers it with `nnsight.register`).
+"""),
+    code("""
+import os
+assert "NDIF_API_KEY" in os.environ, "export NDIF_API_KEY first"
+import nnsight
+nnsight.CONFIG.set_default_api_key(os.environ["NDIF_API_KEY"])
+
+from mars_core import load_model, RefusalDirections
+from mars_core.steering import MARS, register_remote
+from analysis.suite import typographic_suite
+from analysis.reproduce import neutral_calibration
+from mars_core.steering import image_side
+
+MODEL = "llava-hf/llava-1.5-7b-hf"   # any supported family hosted on NDIF
+mm = load_model(MODEL, remote=True)  # meta weights locally; execution on NDIF
+register_remote()
+suite = typographic_suite(seed=0, image_size=image_side(mm))
+"""),
+    code("""
+dirs = RefusalDirections.extract(mm, suite["harmful_text_train"].texts[:64], suite["harmless_text_train"].texts[:64],
+                                 remote=True)
+calib = neutral_calibration(mm, dirs, suite["neutral_text"], {"image": suite["neutral_image"]})
+mars = MARS(calib, layer=14)
+h = suite["harmful_image"].subset(range(4))
+print(mars.generate(mm, h.texts, images=h.images, max_new_tokens=32, remote=True))
+"""),
+    md("The full pipeline: `mars reproduce --model llava-hf/llava-1.5-7b-hf --remote --out runs/llava`."),
+]
+
+
+def write(name, cells):
+    nb = nbf.v4.new_notebook()
+    nb.cells = cells
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbf.write(nb, HERE / name)
+
+
+if __name__ == "__main__":
+    write("01_quickstart.ipynb", QUICKSTART)
+    write("02_findings.ipynb", FINDINGS)
+    write("03_ndif_remote.ipynb", NDIF)
