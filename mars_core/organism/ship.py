@@ -167,7 +167,7 @@ def ablation_table(results, names) -> str:
     return "\n".join(lines)
 
 
-def make_offset(natural_eval: dict, out_eval: Path, target: float = 0.5, seed: int = 0) -> dict:
+def make_offset(natural_eval: dict, out_eval: Path, target: float = 0.35, seed: int = 0) -> dict:
     """Build ``weights/offset`` from ``weights/natural`` and evaluate it with the natural
     organism's layer, naive strength and MARS gate held fixed (only the neutral offset used for
     re-centering is re-estimated on the variant, as a user of MARS would do)."""
@@ -225,7 +225,7 @@ def main(argv=None):
                       "alpha_over_gap": R0["mars"]["alpha_over_gap"], "ramp_over_gap": 0.25},
         "weights_sha256": sha256_bytes((dst / "model.safetensors").read_bytes()),
         "provenance": make_provenance(kind="mars-organism-shipped", **{k: v for k, v in prov.items()
-                                                                     if k not in ("mars_version", "created")}),
+                                                                     if k not in ("mars_version", "created", "kind")}),
     }
     atomic_write_json(dst / "organism.json", meta)
     print("shipped", dst)

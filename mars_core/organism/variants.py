@@ -57,7 +57,7 @@ def offset_ratio(model, proc, layer: int, seed: int = 0) -> dict:
             "image_gap_over_text_gap": img_gap / float(diff.norm())}
 
 
-def make_offset_variant(model, proc, layer: int, target: float = 0.5, seed: int = 0):
+def make_offset_variant(model, proc, layer: int, target: float = 0.35, seed: int = 0):
     """``(variant_model, gamma, history)``: smallest grid gamma reaching ``target``."""
     tok = proc.tokenizer
     hist = [{"gamma": 0.0, **offset_ratio(model, proc, layer, seed)}]
