@@ -222,9 +222,11 @@ class Steerer:
         `for _ in tracer.iter[:k]:` loop when you also read per-step values: nnsight allows one
         per-step loop per invoke, and apply(steps=k) runs its own (alternatively, put the
         reads in a second `tracer.invoke()`, which sees the edits).
-    generate(mm, texts, images=None, videos=None, max_new_tokens=32, *, remote=False, **generate_kwargs)
-        Steered generation for one batch -> `Generations` (a list of strings with `.alpha`,
-        `.record`, `.token_ids`). Greedy unless generate_kwargs say otherwise.
+    generate(mm, texts, images=None, videos=None, max_new_tokens=32, *, batch_size=None, remote=False,
+             **generate_kwargs)
+        Steered generation -> `Generations` (a list of strings with `.alpha`, `.record`,
+        `.token_ids`), one padded batch, or chunks of `batch_size` prompts. Greedy unless
+        generate_kwargs say otherwise.
     last_logits(mm, batch, *, remote=False) -> (logits [batch, vocab] float32, record dict)
         One steered forward; the next-token logits at the last prompt column.
     """
@@ -271,11 +273,16 @@ class Steerer:
         videos: Sequence[Any] | None = None,
         max_new_tokens: int = 32,
         *,
+        batch_size: int | None = None,
         remote: bool | str = False,
         **generate_kwargs: Any,
     ) -> "Generations":
         import nnsight
 
+        texts = list(texts)
+        if batch_size is not None and len(texts) > int(batch_size):
+            return self._generate_chunked(mm, texts, images, videos, max_new_tokens, int(batch_size), remote,
+                                          generate_kwargs)
         if remote:
             register_remote()
         batch = mm.build_batch(texts, images=images, videos=videos)
@@ -296,6 +303,24 @@ class Steerer:
         outs = tok.batch_decode(new, skip_special_tokens=True)
         rec = _to_cpu(rec)
         return Generations(outs, token_ids=new, record=rec, alpha=rec.get("alpha"))
+
+    def _generate_chunked(self, mm, texts, images, videos, k, bs, remote, kw) -> "Generations":
+        """generate() over chunks of `bs` prompts: strings and per-row tensors concatenated, token
+        ids right-padded with the pad id; `.record["chunks"]` keeps each chunk's record."""
+        parts = []
+        for s in range(0, len(texts), bs):
+            sl = slice(s, s + bs)
+            parts.append(self.generate(mm, texts[sl], None if images is None else list(images)[sl],
+                                       None if videos is None else list(videos)[sl], k, remote=remote, **kw))
+        width = max(p.token_ids.shape[1] for p in parts)
+        pad = mm.tokenizer.pad_token_id if mm.tokenizer.pad_token_id is not None else 0
+        ids = torch.cat([torch.nn.functional.pad(p.token_ids, (0, width - p.token_ids.shape[1]), value=pad)
+                         for p in parts])
+        rec: dict[str, Any] = {"chunks": [p.record for p in parts]}
+        for key, v in parts[0].record.items():
+            if isinstance(v, torch.Tensor) and all(isinstance(p.record.get(key), torch.Tensor) for p in parts):
+                rec[key] = torch.cat([p.record[key] for p in parts])
+        return Generations([t for p in parts for t in p], token_ids=ids, record=rec, alpha=rec.get("alpha"))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"

@@ -628,3 +628,15 @@ def test_first_token_sweep_falls_back_when_check_fails(models, calibrations, mon
         fast, _ = steering.first_token_sweep(mm, batch, sts)
     for i, st_ in enumerate(sts):
         assert torch.equal(fast[i], st_.last_logits(mm, batch)[0])
+
+
+def test_generate_in_chunks_equals_per_chunk(models, calibrations):
+    mm, cal = models("llava"), calibrations("llava")
+    st_ = MARS(cal, 1, tau=-5.0)
+    imgs = [make_image(i) for i in range(3)]
+    out = st_.generate(mm, HARM[:3], images=imgs, max_new_tokens=3, batch_size=2)
+    a = st_.generate(mm, HARM[:2], images=imgs[:2], max_new_tokens=3)
+    b = st_.generate(mm, HARM[2:3], images=imgs[2:], max_new_tokens=3)
+    assert list(out) == list(a) + list(b)
+    assert torch.equal(out.alpha, torch.cat([a.alpha, b.alpha]))
+    assert out.token_ids.shape == (3, 3) and len(out.record["chunks"]) == 2
