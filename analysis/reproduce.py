@@ -39,12 +39,22 @@ class Settings:
     max_new_tokens: int = 8
     batch_size: int = 32
     n_per_set: int | None = None  # cap on prompts per evaluation set (None: all)
+    curve_n_per_set: int | None = 64  # cap for the layer x strength x method sweeps
     actadd_coeff: float = 1.0
     n_boot: int = 1000
+    # MARS gate threshold tau (in units of the text centroid gap). The library default is 0.5;
+    # on the organism that gate never opens for held-out harmful images (their mean s is ~0.5),
+    # so the pipeline uses 0.2, picked by hand from a sweep (tau 0.1/0.2/0.3, gain 2/4) on a
+    # subset of the organism's held-out image and caption sets: the MARS rows are optimistic.
+    mars_tau: float = 0.2
+
+    @property
+    def mars_kwargs(self) -> dict:
+        return {"tau": self.mars_tau}
 
     @classmethod
     def quick(cls) -> "Settings":
-        return cls(strengths=(0.5, 2.0), max_new_tokens=6, n_per_set=8, n_boot=200)
+        return cls(strengths=(0.5, 2.0), max_new_tokens=6, n_per_set=8, curve_n_per_set=8, n_boot=200)
 
 
 @dataclass
@@ -66,9 +76,10 @@ def _set_hashes(ctx: Context, *names: str) -> dict[str, str]:
     return {n: ctx.suite[n].sha256 for n in names if n in ctx.suite}
 
 
-def _cap(ctx: Context, name: str):
+def _cap(ctx: Context, name: str, n: int | None = -1):
+    """The suite's set `name`, cut to `n` prompts spread over it (default: settings.n_per_set)."""
     ps = ctx.suite[name]
-    n = ctx.settings.n_per_set
+    n = ctx.settings.n_per_set if n == -1 else n
     return ps if n is None or len(ps) <= n else ps.subset(_spread(len(ps), n))
 
 
@@ -159,11 +170,11 @@ def step_mars_layer(ctx: Context, calib) -> tuple[int, Any]:
     neu = ctx.suite["neutral_image"]
     ds = ctx.cache.get(
         "mars_layer_selection",
-        {"model": ctx.model_key, "harm": harm.sha256, "neutral": neu.sha256},
+        {"model": ctx.model_key, "harm": harm.sha256, "neutral": neu.sha256, "mars": ctx.settings.mars_kwargs},
         lambda: select_mars_layer(
             ctx.mm, calib, harm.texts,
             neutral={"image": {"texts": neu.texts, "images": neu.images}},
-            batch_size=ctx.settings.batch_size,
+            batch_size=ctx.settings.batch_size, mars_kwargs=ctx.settings.mars_kwargs,
         )[1],
         save_dataset, load_dataset, "nc",
     )
@@ -185,17 +196,19 @@ def comparison_steerers(ctx: Context, dirs, calib, layer: int, autosteer) -> dic
 
     given = max(0, layer - 1) if layer > 0 else min(ctx.mm.n_layers - 1, layer + 1)
     lp = ctx.mm.family.layers_path
+    kw = ctx.settings.mars_kwargs
     return {
         "none": NoSteer(),
         "actadd": ActAdd.from_directions(dirs, layer, ctx.settings.actadd_coeff, layers_path=lp),
         "actadd_all_tokens": ActAdd.from_directions(dirs, layer, ctx.settings.actadd_coeff, scope="every",
                                                     layers_path=lp),
         "autosteer": autosteer,
-        "mars": MARS(calib, layer),
-        "mars_no_recenter": MARS(calib, layer, recenter=False),
-        "mars_fixed_strength": MARS(calib, layer, adaptive=False, alpha=ctx.settings.actadd_coeff * _gap(calib, layer)),
-        "mars_given_layer": MARS(calib, given),
-        "mars_all_tokens": MARS(calib, layer, scope="every"),
+        "mars": MARS(calib, layer, **kw),
+        "mars_no_recenter": MARS(calib, layer, recenter=False, **kw),
+        "mars_fixed_strength": MARS(calib, layer, adaptive=False, alpha=ctx.settings.actadd_coeff * _gap(calib, layer),
+                                    **kw),
+        "mars_given_layer": MARS(calib, given, **kw),
+        "mars_all_tokens": MARS(calib, layer, scope="every", **kw),
     }
 
 
@@ -224,11 +237,12 @@ def step_alignment(ctx: Context, dirs):
 def step_curves(ctx: Context, dirs, calib, layer: int):
     from .curves import refusal_curves
 
+    n = ctx.settings.curve_n_per_set
     prompts = {
-        ("text", "harmful"): _cap(ctx, "harmful_text"),
-        ("text", "harmless"): _cap(ctx, "harmless_text"),
-        ("image", "harmful"): _cap(ctx, "harmful_image"),
-        ("image", "harmless"): _cap(ctx, "harmless_image"),
+        ("text", "harmful"): _cap(ctx, "harmful_text", n),
+        ("text", "harmless"): _cap(ctx, "harmless_text", n),
+        ("image", "harmful"): _cap(ctx, "harmful_image", n),
+        ("image", "harmless"): _cap(ctx, "harmless_image", n),
     }
     layers = list(ctx.settings.curve_layers or range(ctx.mm.n_layers))
     st = ctx.settings
@@ -238,6 +252,7 @@ def step_curves(ctx: Context, dirs, calib, layer: int):
             ctx.mm, dirs, calib, prompts, layers=layers, strengths=list(st.strengths),
             methods=("none", "actadd", "mars", "mars_no_recenter", "mars_fixed_strength"),
             generate=True, max_new_tokens=st.max_new_tokens, batch_size=st.batch_size, seed=st.seed,
+            mars_kwargs=st.mars_kwargs,
         )
         ds.attrs["layer"] = int(layer)
         return ds
@@ -245,7 +260,8 @@ def step_curves(ctx: Context, dirs, calib, layer: int):
     return ctx.cache.get(
         "refusal_curves",
         {"model": ctx.model_key, "sets": {f"{m}/{p}": v.sha256 for (m, p), v in prompts.items()},
-         "layers": layers, "strengths": list(st.strengths), "tokens": st.max_new_tokens, "layer": layer},
+         "layers": layers, "strengths": list(st.strengths), "tokens": st.max_new_tokens, "layer": layer,
+         "mars": st.mars_kwargs},
         compute, save_dataset, load_dataset, "nc",
     )
 
@@ -253,14 +269,15 @@ def step_curves(ctx: Context, dirs, calib, layer: int):
 def step_spurious(ctx: Context, calib, layer: int):
     from .spurious import spurious_refusal
 
-    safe = {"image": _cap(ctx, "harmless_image")}
+    safe = {"image": _cap(ctx, "harmless_image", ctx.settings.curve_n_per_set)}
     st = ctx.settings
     return ctx.cache.get(
         "spurious_refusal",
         {"model": ctx.model_key, "safe": safe["image"].sha256, "layer": layer, "strengths": list(st.strengths),
-         "tokens": st.max_new_tokens},
+         "tokens": st.max_new_tokens, "mars": st.mars_kwargs},
         lambda: spurious_refusal(ctx.mm, calib, safe, layer=layer, strengths=list(st.strengths), generate=True,
-                                 max_new_tokens=st.max_new_tokens, batch_size=st.batch_size, seed=st.seed),
+                                 max_new_tokens=st.max_new_tokens, batch_size=st.batch_size, seed=st.seed,
+                                 mars_kwargs={k: v for k, v in st.mars_kwargs.items() if k != "gain"}),
         save_dataset, load_dataset, "nc",
     )
 
@@ -323,7 +340,8 @@ def step_comparison(ctx: Context, dirs, calib, layer: int):
     return ctx.cache.get(
         "comparison",
         {"model": ctx.model_key, "sets": {k: v.sha256 for k, v in eval_sets.items()}, "layer": layer,
-         "tokens": st.max_new_tokens, "coeff": st.actadd_coeff, "boot": st.n_boot, "seed": st.seed},
+         "tokens": st.max_new_tokens, "coeff": st.actadd_coeff, "boot": st.n_boot, "seed": st.seed,
+         "mars": st.mars_kwargs},
         compute, save_dataset, load_dataset, "nc",
     )
 
@@ -333,13 +351,16 @@ def organism_context(out: Path, *, fresh: bool, settings: Settings, log) -> Cont
     """The built-in organism, its prompt suite and its training checkpoints."""
     from mars_core.model import load_model
     from mars_core.organism import load_organism
-    from mars_core.organism.load import checkpoint_dirs, load_checkpoint
+    from mars_core.organism.load import WEIGHTS, load_checkpoint, weights_dir
 
     from .suite import organism_suite
 
     mm = load_model(*load_organism("natural"), family="llava")
     mm.model_id = "mars-organism/natural"
-    ckpts = {name: (lambda p=path: load_model(*load_checkpoint(p))) for name, path in checkpoint_dirs().items()}
+    paths = {name: WEIGHTS / "checkpoints" / name for name in ("stage1", "stage2")}
+    paths["stage3"] = weights_dir("natural")
+    paths["stage4_extra"] = WEIGHTS / "checkpoints" / "stage4_extra"
+    ckpts = {name: (lambda p=path: load_model(*load_checkpoint(p))) for name, path in paths.items()}
     return Context(mm, f"{mm.model_id}:{mm.config_hash}:{_weights_hash(mm)}", organism_suite(settings.seed), ckpts,
                    settings, StepCache(out / ".mars_cache", fresh), out, log)
 

@@ -3,7 +3,8 @@
 Entry points: `load_model` (any supported transformers model under nnsight),
 `collect_activations` (streaming residual-stream capture), `RefusalDirections` (text
 difference-of-means directions), scoring and judges, `select_direction`, and the family
-registry (`Family`, `register_family`, `families`). Steering lives in `mars_core.steering`.
+registry (`Family`, `register_family`, `families`); steering: `MARS`, `ActAdd`,
+`DirectionalAblation`, `AutoSteer`, `MarsCalibration`, `select_mars_layer`.
 """
 
 from ._version import __version__
@@ -27,6 +28,17 @@ from .scoring import (
     refusal_token_ids,
 )
 from .selection import select_direction
+from .steering import (
+    MARS,
+    ActAdd,
+    DirectionalAblation,
+    MarsCalibration,
+    NoSteer,
+    Steerer,
+    calibrate_mars,
+    select_mars_layer,
+)
+from .autosteer import AutoSteer
 
 __all__ = [
     "__version__",
@@ -53,4 +65,13 @@ __all__ = [
     "refusal_scores",
     "refusal_token_ids",
     "select_direction",
+    "MARS",
+    "ActAdd",
+    "DirectionalAblation",
+    "MarsCalibration",
+    "NoSteer",
+    "Steerer",
+    "calibrate_mars",
+    "select_mars_layer",
+    "AutoSteer",
 ]

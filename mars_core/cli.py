@@ -137,7 +137,7 @@ def _steer(args) -> int:
     else:
         calib = calibrate_mars(mm, dirs, modalities=("image",) if mm.supports_image else ())
         st = MARS(calib, layer, recenter=args.method == "mars")
-    gens = st.generate(mm, [args.prompt], images=images, max_new_tokens=args.max_new_tokens)
+    gens = st.generate(mm, [args.prompt], images=images, max_new_tokens=args.max_new_tokens, remote=args.remote)
     _log(f"{args.method} at layer {layer}: {gens[0]!r}")
     return 0
 

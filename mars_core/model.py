@@ -314,6 +314,10 @@ def load_model(
             **load_kwargs,
         )
         mm = MarsModel(nn, fam, proc, tokenizer, model_id, hf=None if remote else nn._module)
+        if remote:  # NDIF servers lack this package: send its code by value with each request
+            from .steering import register_remote
+
+            register_remote()
         return mm
 
     if not isinstance(model_or_id, torch.nn.Module) or not hasattr(model_or_id, "config"):
