@@ -70,6 +70,7 @@ class Context:
     out: Path
     log: Callable[[str], None]
     artifacts: list[Path] = field(default_factory=list)
+    variants: dict[str, Callable[[], Any]] = field(default_factory=dict)  # name -> MarsModel loader
 
 
 def _set_hashes(ctx: Context, *names: str) -> dict[str, str]:
@@ -314,6 +315,54 @@ def step_stability(ctx: Context, layer: int):
     )
 
 
+def step_offset_variant(ctx: Context, name: str, layer: int):
+    """Where re-centering can matter: a model variant whose image pathway carries a modality
+    offset along the refusal direction (the organism's `offset` variant). Its own text
+    directions and neutral calibration; spurious refusal of safe images with and without
+    re-centering, and MARS vs MARS without re-centering on held-out image requests."""
+    from mars_core.directions import RefusalDirections
+    from mars_core.scoring import SubstringJudge
+    from mars_core.steering import MARS
+
+    from .comparison import evaluate_methods, method_comparison
+    from .spurious import spurious_refusal
+
+    s, st = ctx.suite, ctx.settings
+    safe = _cap(ctx, "harmless_image", st.curve_n_per_set)
+    eval_sets = {"harmful_image": _cap(ctx, "harmful_image"), "harmless_image": _cap(ctx, "harmless_image")}
+
+    def compute():
+        mm = ctx.variants[name]()
+        dirs = RefusalDirections.extract(mm, s["harmful_text_train"].texts, s["harmless_text_train"].texts,
+                                         batch_size=st.batch_size, seed=st.seed)
+        calib = neutral_calibration(mm, dirs, s["neutral_text"], {"image": s["neutral_image"]}, batch_size=st.batch_size)
+        sp = spurious_refusal(mm, calib, {"image": safe}, layer=layer, strengths=list(st.strengths), generate=True,
+                              max_new_tokens=st.max_new_tokens, batch_size=st.batch_size, seed=st.seed,
+                              mars_kwargs=st.mars_kwargs)
+        steerers = {"mars": MARS(calib, layer, **st.mars_kwargs),
+                    "mars_no_recenter": MARS(calib, layer, recenter=False, **st.mars_kwargs)}
+        per = evaluate_methods(mm, steerers, eval_sets, judge=SubstringJudge(), max_new_tokens=st.max_new_tokens,
+                               batch_size=st.batch_size, seed=st.seed)
+        cmp = method_comparison(per, n_boot=st.n_boot, seed=st.seed)
+        for ds in (sp, cmp):
+            ds.attrs.update({"variant": name, "layer": int(layer)})
+        return {"spurious": sp, "comparison": cmp}
+
+    key = {"variant": name, "model": ctx.model_key, "safe": safe.sha256, "layer": layer, "mars": st.mars_kwargs,
+           "sets": {k: v.sha256 for k, v in eval_sets.items()}, "strengths": list(st.strengths),
+           **_set_hashes(ctx, "harmful_text_train", "harmless_text_train", "neutral_text", "neutral_image")}
+    done: dict[str, Any] = {}
+
+    def once(part: str):  # both cached results come from one computation
+        if not done:
+            done.update(compute())
+        return done[part]
+
+    sp = ctx.cache.get(f"spurious_{name}", key, lambda: once("spurious"), save_dataset, load_dataset, "nc")
+    cmp = ctx.cache.get(f"comparison_{name}", key, lambda: once("comparison"), save_dataset, load_dataset, "nc")
+    return sp, cmp
+
+
 def step_comparison(ctx: Context, dirs, calib, layer: int):
     from mars_core.scoring import SubstringJudge
 
@@ -361,8 +410,10 @@ def organism_context(out: Path, *, fresh: bool, settings: Settings, log) -> Cont
     paths["stage3"] = weights_dir("natural")
     paths["stage4_extra"] = WEIGHTS / "checkpoints" / "stage4_extra"
     ckpts = {name: (lambda p=path: load_model(*load_checkpoint(p))) for name, path in paths.items()}
-    return Context(mm, f"{mm.model_id}:{mm.config_hash}:{_weights_hash(mm)}", organism_suite(settings.seed), ckpts,
-                   settings, StepCache(out / ".mars_cache", fresh), out, log)
+    ctx = Context(mm, f"{mm.model_id}:{mm.config_hash}:{_weights_hash(mm)}", organism_suite(settings.seed), ckpts,
+                  settings, StepCache(out / ".mars_cache", fresh), out, log)
+    ctx.variants["offset"] = lambda: load_model(*load_organism("offset"), family="llava")
+    return ctx
 
 
 def hub_context(model_id: str, out: Path, *, fresh: bool, settings: Settings, log, remote: bool = False,
@@ -431,13 +482,39 @@ def run(ctx: Context, figures: bool = True) -> dict[str, Path]:
         datasets["stability"] = stab
     stage("method comparison")
     datasets["comparison"] = step_comparison(ctx, dirs, calib, layer)
-    for name, ds in datasets.items():
+    variant_data = {}
+    for vname in ctx.variants:
+        stage(f"re-centering on the {vname!r} variant")
+        variant_data[f"spurious_{vname}_variant"], variant_data[f"comparison_{vname}_variant"] = (
+            step_offset_variant(ctx, vname, layer))
+    for name, ds in {**datasets, **variant_data}.items():
         save_nc(name, ds)
     if figures:
         stage("figures")
         written.update(write_figures(datasets, figs, log))
+        written.update(write_variant_figures(variant_data, figs, log))
     reused = sum(1 for e in ctx.cache.events if e[1] == "reused")
     stage(f"done: {len(written)} artifacts, {reused} of {len(ctx.cache.events)} cached steps reused")
+    return written
+
+
+def write_variant_figures(variant_data: dict[str, Any], figs: Path, log=print) -> dict[str, Path]:
+    """The spurious-refusal figure and the re-centering table of each model variant."""
+    from . import plotting
+    from .comparison import comparison_table_markdown
+
+    written: dict[str, Path] = {}
+    for name, ds in variant_data.items():
+        if name.startswith("spurious_"):
+            plotting.plot_spurious(ds, out_dir=figs, name=name)
+            for ext in (".pdf", ".png"):
+                written[f"figure:{name}{ext}"] = figs / f"{name}{ext}"
+        else:
+            head = (f"Re-centering on the `{ds.attrs.get('variant')}` organism variant (MARS at layer "
+                    f"{ds.attrs.get('layer')}):\n\n")
+            written[f"{name}.md"] = atomic_write_text(figs / f"{name}.md", head + comparison_table_markdown(ds) + "\n")
+    for path in written.values():
+        log(f"wrote {path}")
     return written
 
 

@@ -29,8 +29,9 @@ def test_interrupted_run_resumes_without_recomputing(tmp_path, monkeypatch):
     ctx2 = rp.organism_context(tmp_path, fresh=False, settings=st, log=lambda m: None)
     written = rp.run(ctx2)
     second = {name: how for name, how, _ in ctx2.cache.events}
-    assert {n: h for n, h in second.items() if n != "comparison"} == {n: "reused" for n, _ in first}
+    assert all(second[n] == "reused" for n, _ in first)  # nothing finished is recomputed
     assert second["comparison"] == "computed"
+    assert second["spurious_offset"] == second["comparison_offset"] == "computed"
 
     # every dataset and figure of the study, with the contract's dims and provenance
     for name, dims in {
@@ -43,7 +44,8 @@ def test_interrupted_run_resumes_without_recomputing(tmp_path, monkeypatch):
         ds = load_dataset(written[name])
         assert dims <= set(ds.dims), name
         assert ds.attrs["mars_version"] and ds.attrs["created"]
-    for fig in ("alignment", "refusal_curves", "spurious", "stability", "comparison"):
+    assert "mars_no_recenter" in load_dataset(written["comparison_offset_variant"])["method"].values
+    for fig in ("alignment", "refusal_curves", "spurious", "stability", "comparison", "spurious_offset_variant"):
         assert f"figure:{fig}.png" in written and f"figure:{fig}.pdf" in written
     table = json.loads(written["comparison.json"].read_text())
     assert table  # the JSON table is non-empty
