@@ -8,7 +8,8 @@ interruption reuses finished steps; `fresh=True` recomputes everything):
  3. MARS calibration (neutral modality offsets) and MARS layer selection;
  4. AutoSteer fit (SAS layer, prober, refusal head);
  5. analyses: alignment, refusal curves, spurious refusal, direction stability across
-    checkpoints, method comparison (with bootstrap CIs);
+    checkpoints, method comparison (with bootstrap CIs), and re-centering on model variants
+    whose modality offset points along the direction (the organism's `offset` variant);
  6. figures (PDF + PNG) and the comparison table (Markdown + JSON).
 
 Outputs: `OUT/data/*.nc` (+ directions and calibration as safetensors), `OUT/figures/*.pdf|png`
@@ -69,7 +70,6 @@ class Context:
     cache: StepCache
     out: Path
     log: Callable[[str], None]
-    artifacts: list[Path] = field(default_factory=list)
     variants: dict[str, Callable[[], Any]] = field(default_factory=dict)  # name -> MarsModel loader
 
 
@@ -126,31 +126,9 @@ def step_text_selection(ctx: Context, dirs):
     )
 
 
-def neutral_calibration(mm, dirs, neutral_text, neutral_media: dict, *, batch_size: int = 8):
-    """MarsCalibration whose offset for each modality m is o_m = mean(neutral m requests) -
-    mean(neutral text requests), at the last prompt position of every layer.
-
-    neutral_text: PromptSet of benign requests without media; neutral_media: {modality:
-    PromptSet of benign requests with neutral images/videos}. No unsafe data is involved.
-    """
-    import torch
-
-    from mars_core.capture import collect_activations
-    from mars_core.steering import MarsCalibration
-
-    kw = dict(positions="last", batch_size=batch_size, progress=False)
-    mt = collect_activations(mm, neutral_text.texts, **kw)["mean"].sel(pos=-1).values
-    offsets, prov = {}, {"model_id": mm.model_id, **neutral_text.provenance()}
-    for m, ps in neutral_media.items():
-        mi = collect_activations(mm, ps.texts, **ps.media_kwargs(), **kw)["mean"].sel(pos=-1).values
-        offsets[m] = torch.from_numpy(mi - mt)
-        prov.update(ps.provenance())
-    return MarsCalibration.from_directions(dirs, offsets, layers_path=mm.family.layers_path, provenance=prov)
-
-
 def step_calibration(ctx: Context, dirs):
-    """`neutral_calibration` on the suite's neutral sets, cached."""
-    from mars_core.steering import MarsCalibration
+    """`mars_core.steering.neutral_calibration` on the suite's neutral sets, cached."""
+    from mars_core.steering import MarsCalibration, neutral_calibration
 
     neu_i, neu_t = ctx.suite["neutral_image"], ctx.suite["neutral_text"]
     return ctx.cache.get(
@@ -322,7 +300,7 @@ def step_offset_variant(ctx: Context, name: str, layer: int):
     re-centering, and MARS vs MARS without re-centering on held-out image requests."""
     from mars_core.directions import RefusalDirections
     from mars_core.scoring import SubstringJudge
-    from mars_core.steering import MARS
+    from mars_core.steering import MARS, neutral_calibration
 
     from .comparison import evaluate_methods, method_comparison
     from .spurious import spurious_refusal

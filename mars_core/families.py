@@ -3,8 +3,9 @@
 A `Family` records, for one group of transformers architectures (matched by
 `config.model_type`), the attribute path from the top-level HF model to the language
 backbone's decoder layers and the logits module, and whether it takes images and videos.
-Everything else (chat template, token expansion of images and videos) comes from the model's own processor, so adding a family is one
-`register_family(Family(...))` call; see README "Adding a model family".
+Everything else (chat template, token expansion of images and videos) comes from the model's
+own processor, so adding a family is one `register_family(Family(...))` call; see README
+"Adding a model family".
 """
 
 from __future__ import annotations

@@ -789,6 +789,29 @@ def calibrate_mars(mm: Any, directions: Any, *, modalities: Sequence[str] | None
                                            provenance=prov)
 
 
+def neutral_calibration(mm: Any, directions: Any, neutral_text: Any, neutral_media: dict[str, Any], *,
+                        batch_size: int = 8) -> MarsCalibration:
+    """MarsCalibration from prompt sets you choose (e.g. requests in a model's own vocabulary):
+    o_m = mean(neutral_media[m]) - mean(neutral_text) at the last prompt position of every layer.
+
+    neutral_text: PromptSet of benign requests without media; neutral_media: {modality: PromptSet
+    of benign requests with neutral images/videos}. No unsafe data is involved.
+    """
+    from .directions import _model_shape
+
+    if _model_shape(mm) != (int(directions.n_layers), int(directions.d_model)):
+        raise IncompatibleModelError(
+            f"the directions are for {directions.n_layers} layers / d_model={directions.d_model}, the model "
+            f"has {mm.n_layers} / {mm.d_model}; extract directions for this model"
+        )
+    mean_t = _last_means(mm, neutral_text.texts, batch_size=batch_size)
+    offsets, prov = {}, {"model_id": getattr(mm, "model_id", ""), **neutral_text.provenance()}
+    for m, ps in neutral_media.items():
+        offsets[m] = _last_means(mm, ps.texts, **ps.media_kwargs(), batch_size=batch_size) - mean_t
+        prov.update(ps.provenance())
+    return MarsCalibration.from_directions(directions, offsets, layers_path=mm.family.layers_path, provenance=prov)
+
+
 # ============================================================================ MARS
 class MARS(Steerer):
     r"""Modality-Agnostic Refusal Steering at one decoder layer l (docs/method.md).

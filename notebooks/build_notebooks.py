@@ -37,7 +37,7 @@ from mars_core import load_model, RefusalDirections
 from mars_core.organism import load_organism
 from mars_core.steering import MARS, ActAdd, NoSteer, select_mars_layer
 from analysis.suite import organism_suite
-from analysis.reproduce import neutral_calibration
+from mars_core.steering import neutral_calibration
 
 mm = load_model(*load_organism("natural"))
 suite = organism_suite(seed=0)
@@ -201,7 +201,7 @@ nnsight.CONFIG.set_default_api_key(os.environ["NDIF_API_KEY"])
 from mars_core import load_model, RefusalDirections
 from mars_core.steering import MARS, register_remote
 from analysis.suite import typographic_suite
-from analysis.reproduce import neutral_calibration
+from mars_core.steering import neutral_calibration
 from mars_core.steering import image_side
 
 MODEL = "llava-hf/llava-1.5-7b-hf"   # any supported family hosted on NDIF

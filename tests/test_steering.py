@@ -640,3 +640,29 @@ def test_generate_in_chunks_equals_per_chunk(models, calibrations):
     assert list(out) == list(a) + list(b)
     assert torch.equal(out.alpha, torch.cat([a.alpha, b.alpha]))
     assert out.token_ids.shape == (3, 3) and len(out.record["chunks"]) == 2
+
+
+def test_neutral_calibration_offsets_equal_mean_differences(models, directions):
+    """o_image = mean(neutral image requests) - mean(neutral text requests), by hand from per-prompt rows."""
+    from mars_core import collect_activations
+    from mars_core.prompts import PromptSet
+    from mars_core.steering import neutral_calibration
+
+    mm, dirs = models("llava"), directions("llava")
+    texts = ["Describe this image.", "What is in this picture?", "Describe it."]
+    text_set = PromptSet("neutral_text", texts)
+    image_set = PromptSet("neutral_image", texts, images=[make_image(seed=i) for i in range(3)])
+    calib = neutral_calibration(mm, dirs, text_set, {"image": image_set}, batch_size=2)
+    rows = lambda **kw: collect_activations(mm, texts, positions="last", reduce="none", **kw)["acts"]  # noqa: E731
+    ref = (rows(images=image_set.images).values.astype("float64").mean(0)
+           - rows().values.astype("float64").mean(0))[:, -1]  # [layer, d_model]
+    for layer in range(mm.n_layers):
+        got = calib.at(layer)["offsets"]["image"].numpy()
+        assert np.abs(got - ref[layer]).max() < 1e-5
+    assert calib.provenance["neutral_image_sha256"] == image_set.sha256
+    from mars_core.organism import load_organism
+
+    organism = load_model(*load_organism("natural"))  # d_model 128, the tiny llava's directions have 64
+    assert organism.d_model != mm.d_model
+    with pytest.raises(IncompatibleModelError, match="extract directions for this model"):
+        neutral_calibration(organism, dirs, text_set, {"image": image_set})
