@@ -43,19 +43,33 @@ class Settings:
     curve_n_per_set: int | None = 64  # cap for the layer x strength x method sweeps
     actadd_coeff: float = 1.0
     n_boot: int = 1000
-    # MARS gate threshold tau (in units of the text centroid gap). None: fitted on safe data
-    # (`mars_core.gate.select_mars_tau`: the smallest tau adding <= `mars_max_increase`
-    # first-token refusals to harmless text, harmless image requests and caption prompts of the
-    # calibration split). The layer is chosen with the gate at `mars_tau_init`, the gate is then
-    # fitted at that layer, and the layer re-checked once with the fitted gate
-    # (`step_mars_layer_and_gate`). A float fixes tau (no fitting).
+    # MARS gate: threshold tau (units of the text centroid gap), gain and trust-region margin.
+    # None: fitted on safe data (`mars_core.gate.select_mars_gate`: the most permissive gate,
+    # smallest tau, then largest gain, then largest margin, on the grids below, adding
+    # <= `mars_max_increase` first-token refusals to harmless text, harmless image requests and
+    # caption prompts of the calibration split). The layer is chosen with the `*_init` gate, the
+    # gate is then fitted at that layer, and the layer re-checked once with the fitted gate
+    # (`step_mars_layer_and_gate`). A float fixes that part (its grid is that value); all three
+    # fixed: no fitting.
     mars_tau: float | None = None
+    mars_gain: float | None = None
+    mars_margin: float | None = None
     mars_tau_init: float = 0.0
+    mars_gain_init: float = 2.0
+    mars_margin_init: float = 0.5
+    mars_gains: tuple[float, ...] = (2.0, 4.0, 8.0, 16.0)
+    mars_margins: tuple[float, ...] = (0.0, 0.5)
     mars_max_increase: float = 0.05
 
     @property
+    def mars_gate_fixed(self) -> bool:
+        return None not in (self.mars_tau, self.mars_gain, self.mars_margin)
+
+    @property
     def mars_kwargs(self) -> dict:
-        return {"tau": self.mars_tau if self.mars_tau is not None else self.mars_tau_init}
+        pick = lambda v, init: float(v if v is not None else init)  # noqa: E731
+        return {"tau": pick(self.mars_tau, self.mars_tau_init), "gain": pick(self.mars_gain, self.mars_gain_init),
+                "margin": pick(self.mars_margin, self.mars_margin_init)}
 
     @classmethod
     def quick(cls) -> "Settings":
@@ -165,43 +179,51 @@ def step_mars_layer(ctx: Context, calib) -> tuple[int, Any]:
 
 
 def step_mars_gate(ctx: Context, calib, layer: int):
-    """MARS's gate threshold at `layer`, fitted on the suite's safe calibration sets only."""
-    from mars_core.gate import select_mars_tau
+    """MARS's gate (tau, gain, margin) at `layer`, fitted on the suite's safe calibration sets
+    only (`mars_core.gate.select_mars_gate`); a part fixed in the settings keeps its value."""
+    from mars_core.gate import DEFAULT_TAUS, select_mars_gate
 
     names = [n for n in ("harmless_text_train", "harmless_image_cal", "captions_cal") if n in ctx.suite]
     safe = {n: _cap(ctx, n) for n in names}
     st = ctx.settings
-    kw = {k: v for k, v in st.mars_kwargs.items() if k != "tau"}
+    grids = {"taus": list(DEFAULT_TAUS) if st.mars_tau is None else [st.mars_tau],
+             "gains": list(st.mars_gains) if st.mars_gain is None else [st.mars_gain],
+             "margins": list(st.mars_margins) if st.mars_margin is None else [st.mars_margin]}
     ds = ctx.cache.get(
         "mars_gate",
         {"model": ctx.model_key, "layer": int(layer), "sets": {n: p.sha256 for n, p in safe.items()},
-         "max_increase": st.mars_max_increase, "mars": kw},
-        lambda: select_mars_tau(ctx.mm, calib, layer, safe, max_increase=st.mars_max_increase,
-                                batch_size=st.batch_size, mars_kwargs=kw)[1],
+         "max_increase": st.mars_max_increase, "grids": grids},
+        lambda: select_mars_gate(ctx.mm, calib, layer, safe, max_increase=st.mars_max_increase,
+                                 batch_size=st.batch_size, **grids)[1],
         save_dataset, load_dataset, "nc",
     )
-    return float(ds.attrs["selected_tau"]), ds
+    return {k: float(ds.attrs[f"selected_{k}"]) for k in ("tau", "gain", "margin")}, ds
+
+
+def _set_gate(st: Settings, gate: dict) -> None:
+    st.mars_tau, st.mars_gain, st.mars_margin = gate["tau"], gate["gain"], gate["margin"]
 
 
 def step_mars_layer_and_gate(ctx: Context, calib):
-    """MARS's layer and gate: with `settings.mars_tau` None, choose the layer with the gate at
-    `mars_tau_init`, fit tau there on safe data, re-choose the layer with the fitted tau and,
-    if it moved, re-fit tau at the new layer (one alternation; both Datasets say what was done).
-    Sets `ctx.settings.mars_tau`. Returns (layer, layer Dataset, gate Dataset or None)."""
+    """MARS's layer and gate: unless the settings fix the whole gate, choose the layer with the
+    initial gate (`mars_*_init`), fit the gate there on safe data, re-choose the layer with the
+    fitted gate and, if it moved, re-fit the gate at the new layer (one alternation; both
+    Datasets say what was done). Sets `ctx.settings.mars_tau/gain/margin`. Returns (layer, layer
+    Dataset, gate Dataset or None)."""
     st = ctx.settings
-    if st.mars_tau is not None:
+    if st.mars_gate_fixed:
         layer, ds = step_mars_layer(ctx, calib)
         return layer, ds, None
     layer0, _ = step_mars_layer(ctx, calib)
-    tau, gate = step_mars_gate(ctx, calib, layer0)
-    st.mars_tau = tau
+    gate, gate_ds = step_mars_gate(ctx, calib, layer0)
+    _set_gate(st, gate)
     layer, ds = step_mars_layer(ctx, calib)
     if layer != layer0:
-        tau, gate = step_mars_gate(ctx, calib, layer)
-        st.mars_tau = tau
-    gate.attrs["layer_with_initial_gate"] = int(layer0)
-    ds.attrs["tau_fitted_on_safe_data"] = float(st.mars_tau)
-    return layer, ds, gate
+        gate, gate_ds = step_mars_gate(ctx, calib, layer)
+        _set_gate(st, gate)
+    gate_ds.attrs["layer_with_initial_gate"] = int(layer0)
+    ds.attrs.update({f"{k}_fitted_on_safe_data": v for k, v in gate.items()})
+    return layer, ds, gate_ds
 
 
 def fit_autosteer(ctx: Context, dirs):
@@ -300,9 +322,14 @@ def step_spurious(ctx: Context, calib, layer: int):
          "tokens": st.max_new_tokens, "mars": st.mars_kwargs},
         lambda: spurious_refusal(ctx.mm, calib, safe, layer=layer, strengths=list(st.strengths), generate=True,
                                  max_new_tokens=st.max_new_tokens, batch_size=st.batch_size, seed=st.seed,
-                                 mars_kwargs={k: v for k, v in st.mars_kwargs.items() if k != "gain"}),
+                                 mars_kwargs=_no_gain(st.mars_kwargs)),
         save_dataset, load_dataset, "nc",
     )
+
+
+def _no_gain(kw: dict) -> dict:
+    """MARS settings for `spurious_refusal`, which sweeps the gain itself (strength = gain)."""
+    return {k: v for k, v in kw.items() if k != "gain"}
 
 
 def step_stability(ctx: Context, layer: int):
@@ -360,7 +387,7 @@ def step_offset_variant(ctx: Context, name: str, layer: int):
         calib = neutral_calibration(mm, dirs, s["neutral_text"], {"image": s["neutral_image"]}, batch_size=st.batch_size)
         sp = spurious_refusal(mm, calib, {"image": safe}, layer=layer, strengths=list(st.strengths), generate=True,
                               max_new_tokens=st.max_new_tokens, batch_size=st.batch_size, seed=st.seed,
-                              mars_kwargs=st.mars_kwargs)
+                              mars_kwargs=_no_gain(st.mars_kwargs))
         steerers = {"mars": MARS(calib, layer, **st.mars_kwargs),
                     "mars_no_recenter": MARS(calib, layer, recenter=False, **st.mars_kwargs)}
         per = evaluate_methods(mm, steerers, eval_sets, judge=SubstringJudge(), max_new_tokens=st.max_new_tokens,
@@ -496,7 +523,7 @@ def run(ctx: Context, figures: bool = True) -> dict[str, Path]:
     save_nc("mars_layer_selection", layer_ds)
     if gate_ds is not None:
         save_nc("mars_gate", gate_ds)
-    log(f"MARS layer: {layer}, gate tau: {ctx.settings.mars_tau}")
+    log(f"MARS layer: {layer}, gate: {ctx.settings.mars_kwargs}")
     stage("alignment")
     datasets = {"alignment": step_alignment(ctx, dirs)}
     stage("refusal curves")

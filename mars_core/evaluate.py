@@ -201,7 +201,7 @@ class _Methods:
         calib = rp.step_calibration(ctx, dirs)
         if self.video:
             calib = _with_video_offsets(ctx, dirs, calib, self.video_requests)
-        # MARS's layer and gate threshold as `mars reproduce` picks them (fills ctx.settings.mars_tau)
+        # MARS's layer and gate as `mars reproduce` picks them (fills ctx.settings.mars_tau/gain/margin)
         self.layer = rp.step_mars_layer_and_gate(ctx, calib)[0]
         auto = rp.fit_autosteer(ctx, dirs) if "autosteer" in self.methods else None
         every = rp.comparison_steerers(ctx, dirs, calib, self.layer, auto)
@@ -309,7 +309,7 @@ def evaluate(
     records per benchmark; `options`: {name: loader options}. judge: "substring" (default),
     "first_token", a `mars_core.judges.GuardJudge` or any judge `as_verdict_judge` accepts.
     chunk_size: records per shard. max_new_tokens / batch_size: default from `settings`
-    (`analysis.reproduce.Settings`; its seed, MARS tau and ActAdd strength build the methods).
+    (`analysis.reproduce.Settings`; its seed, MARS gate and ActAdd strength build the methods).
     num_frames: frames sampled per video (default 8; 4 for "organism:video", whose 128-position
     context fits at most 6). Writes OUT/data/evaluate.nc and OUT/figures/evaluate.md.
     """

@@ -1,18 +1,23 @@
-"""MARS's gate threshold `tau`, fitted on safe data only.
+"""MARS's gate (threshold `tau`, gain, trust-region margin), fitted on safe data only.
 
-MARS steers a prompt only when its (re-centered) harmfulness score `s` exceeds `tau` (the gate
-of the adaptive strength, `docs/method.md`). `select_mars_tau` picks the smallest `tau` on a
-grid whose MARS adds at most `max_increase` first-token refusals to each safe prompt set
-(harmless text, harmless image requests, caption prompts, ... of every modality the model will
-see), compared with the unsteered model on the same prompts. No harmful multimodal prompt is
-used: the most permissive gate that keeps safe inputs safe.
+MARS steers a prompt only when its (re-centered) harmfulness score `s` exceeds `tau`, with
+strength `min(gain * Delta * (s - tau), cap)` where the trust region caps the steered projection
+at `p_harm + margin * Delta` (`mars_core.steering.MARS`, `docs/method.md`). `select_mars_gate`
+evaluates a grid of (tau, gain, margin) and keeps the *most permissive* gate whose MARS adds at
+most `max_increase` first-token refusals to each safe prompt set (harmless text, harmless image
+requests, caption prompts, ... of every modality the model will see), compared with the
+unsteered model on the same prompts: the smallest feasible `tau`, then the largest `gain`, then
+the largest `margin`. No harmful multimodal prompt is used.
+
+`select_mars_tau` is the one-axis case (gain and margin fixed).
 
 Refusal here is the first-token criterion (refusal log-odds > 0, `mars_core.scoring`), which
-costs one forward per prompt and tau; behaviour under generation is measured elsewhere.
+costs one forward per prompt and grid point; behaviour under generation is measured elsewhere.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -21,6 +26,9 @@ from .errors import InputError
 from .prompts import PromptSet
 
 DEFAULT_TAUS = tuple(float(t) for t in np.round(np.arange(0.0, 1.0001, 0.05), 2))
+DEFAULT_GAINS = (2.0, 4.0, 8.0, 16.0)
+# 0: never push a prompt past the text harmful centroid; 0.5: the steering operator's default
+DEFAULT_MARGINS = (0.0, 0.5)
 
 
 def _refusal_rate(mm: Any, batches: Sequence[Any], steerer: Any, refusal_ids: Sequence[int]) -> float:
@@ -29,6 +37,112 @@ def _refusal_rate(mm: Any, batches: Sequence[Any], steerer: Any, refusal_ids: Se
 
     scores = refusal_scores_many(mm, batches, refusal_ids, steerer)
     return float((np.asarray(scores, dtype=np.float64) > 0.0).mean())
+
+
+def _grid(values: Sequence[float], name: str, example: str) -> list[float]:
+    out = sorted({float(v) for v in values})
+    if not out:
+        raise InputError(f"{name} is empty; give a grid such as mars_core.gate.{example}")
+    if any(not np.isfinite(v) or v < 0 for v in out):
+        raise InputError(f"{name}={list(values)} must be finite and >= 0")
+    return out
+
+
+def select_mars_gate(
+    mm: Any,
+    calibration: Any,
+    layer: int,
+    safe_sets: Mapping[str, PromptSet],
+    *,
+    taus: Sequence[float] = DEFAULT_TAUS,
+    gains: Sequence[float] = DEFAULT_GAINS,
+    margins: Sequence[float] = DEFAULT_MARGINS,
+    max_increase: float = 0.05,
+    refusal_ids: Sequence[int] | None = None,
+    batch_size: int = 32,
+    mars_kwargs: Mapping[str, Any] | None = None,
+    full_grid: bool = False,
+):
+    """The most permissive MARS gate at `layer` that keeps every safe set within `max_increase`.
+
+    For each (gain, margin) the taus are scored in increasing order (other MARS settings from
+    `mars_kwargs`) up to the first feasible one; larger taus are only scored with
+    `full_grid=True` (their `rate` is NaN otherwise, `evaluated` says which points ran). Among
+    the feasible points the smallest tau wins, then the largest gain, then the largest margin
+    (exact under early stopping: each (gain, margin) contributes its smallest feasible tau).
+    Returns `(gate, xarray.Dataset)`: `gate = {"tau", "gain", "margin"}` (ready for
+    `MARS(calibration, layer, **gate)`); the Dataset has `rate [set, tau, gain, margin]` (refusal
+    rate under MARS), `base_rate [set]` (unsteered), `increase`, `feasible [tau, gain, margin]`,
+    `evaluated [tau, gain, margin]`, `n_prompts [set]`, attrs `selected_tau/gain/margin`, `max_increase`, `fallback` (True when no
+    point is feasible: the most closed gate, largest tau, smallest gain and margin, is returned
+    and a warning issued) and the sets' hashes.
+    """
+    import xarray as xr
+
+    from ._version import __version__
+    from .scoring import refusal_token_ids
+    from .steering import MARS, NoSteer
+
+    if not safe_sets:
+        raise InputError("the MARS gate needs at least one safe prompt set (harmless text, harmless images, ...)")
+    for name, ps in safe_sets.items():
+        if ps.harmful:
+            raise InputError(f"safe set {name!r} is labelled harmful; the gate is fitted on safe data only")
+        if len(ps) == 0:
+            raise InputError(f"safe set {name!r} is empty; give it prompts or leave it out")
+    taus = _grid(taus, "taus", "DEFAULT_TAUS")
+    gains = _grid(gains, "gains", "DEFAULT_GAINS")
+    margins = _grid(margins, "margins", "DEFAULT_MARGINS")
+    if not 0.0 <= max_increase < 1.0:
+        raise InputError(f"max_increase={max_increase}; use a rate in [0, 1)")
+    kw = {k: v for k, v in dict(mars_kwargs or {}).items() if k not in ("tau", "gain", "margin")}
+    ids = list(refusal_ids) if refusal_ids is not None else refusal_token_ids(mm.tokenizer)
+    names = list(safe_sets)
+    batches = {n: [mm.build_batch(t, **m) for t, m in safe_sets[n].batches(batch_size)] for n in names}
+    base = np.array([_refusal_rate(mm, batches[n], NoSteer(), ids) for n in names])
+    rate = np.full((len(names), len(taus), len(gains), len(margins)), np.nan)
+    for k, g in enumerate(gains):
+        for m_, mg in enumerate(margins):
+            for j, t in enumerate(taus):
+                st = MARS(calibration, layer, tau=t, gain=g, margin=mg, **kw)
+                for i, n in enumerate(names):
+                    rate[i, j, k, m_] = _refusal_rate(mm, batches[n], st, ids)
+                if not full_grid and (rate[:, j, k, m_] - base <= max_increase + 1e-12).all():
+                    break
+    inc = rate - base[:, None, None, None]
+    evaluated = ~np.isnan(rate).any(axis=0)
+    feasible = evaluated & (np.nan_to_num(inc, nan=np.inf) <= max_increase + 1e-12).all(axis=0)
+    fallback = not feasible.any()
+    if fallback:
+        j, k, m_ = len(taus) - 1, 0, 0
+        warnings.warn(f"no MARS gate on the grid keeps every safe set within +{max_increase:.2f} refusal; "
+                      f"using the most closed one (tau={taus[j]}, gain={gains[k]}, margin={margins[m_]})",
+                      stacklevel=2)
+    else:
+        # lexicographic: smallest tau, then largest gain, then largest margin
+        j, k, m_ = max(zip(*np.nonzero(feasible)), key=lambda p: (-p[0], p[1], p[2]))
+    gate = {"tau": float(taus[j]), "gain": float(gains[k]), "margin": float(margins[m_])}
+    ds = xr.Dataset(
+        {
+            "rate": (("set", "tau", "gain", "margin"), rate),
+            "base_rate": (("set",), base),
+            "increase": (("set", "tau", "gain", "margin"), inc),
+            "feasible": (("tau", "gain", "margin"), feasible),
+            "evaluated": (("tau", "gain", "margin"), evaluated),
+            "n_prompts": (("set",), np.array([len(safe_sets[n]) for n in names])),
+        },
+        coords={"set": names, "tau": taus, "gain": gains, "margin": margins},
+        attrs={
+            "selected_tau": gate["tau"], "selected_gain": gate["gain"], "selected_margin": gate["margin"],
+            "layer": int(layer), "max_increase": float(max_increase), "fallback": bool(fallback),
+            "criterion": "first-token refusal log-odds > 0",
+            "rule": "smallest feasible tau, then largest gain, then largest margin",
+            "full_grid": bool(full_grid),
+            "mars_kwargs": repr(kw), "set_sha256": repr({n: safe_sets[n].sha256 for n in names}),
+            "mars_version": __version__, "model_id": str(getattr(mm, "model_id", "")),
+        },
+    )
+    return gate, ds
 
 
 def select_mars_tau(
@@ -42,64 +156,18 @@ def select_mars_tau(
     refusal_ids: Sequence[int] | None = None,
     batch_size: int = 32,
     mars_kwargs: Mapping[str, Any] | None = None,
+    full_grid: bool = False,
 ):
-    """Smallest `tau` in `taus` whose MARS (at `layer`, other settings from `mars_kwargs`)
-    raises the first-token refusal rate of every safe set by at most `max_increase`.
+    """Smallest `tau` in `taus` whose MARS (gain and margin from `mars_kwargs`, else the
+    operator's defaults 2 and 0.5) keeps every safe set within `max_increase`.
 
-    Returns `(tau, xarray.Dataset)`: `rate [set, tau]` (refusal rate under MARS), `base_rate
-    [set]` (unsteered), `increase [set, tau]`, `feasible [tau]`, attrs `selected_tau`,
-    `max_increase`, `fallback` (True when no tau on the grid is feasible: the largest is
-    returned and a warning issued) and the sets' hashes.
+    Returns `(tau, xarray.Dataset)` with `rate / increase [set, tau]` (NaN above the chosen tau
+    unless `full_grid`), `base_rate [set]`, `feasible / evaluated [tau]` and the attrs of `select_mars_gate` (whose one-axis case this is).
     """
-    import warnings
-
-    import xarray as xr
-
-    from ._version import __version__
-    from .scoring import refusal_token_ids
-    from .steering import MARS, NoSteer
-
-    if not safe_sets:
-        raise InputError("select_mars_tau needs at least one safe prompt set (harmless text, harmless images, ...)")
-    for name, ps in safe_sets.items():
-        if ps.harmful:
-            raise InputError(f"safe set {name!r} is labelled harmful; the gate is fitted on safe data only")
-    taus = sorted(float(t) for t in taus)
-    if not taus:
-        raise InputError("taus is empty; give a grid such as mars_core.gate.DEFAULT_TAUS")
-    if not 0.0 <= max_increase < 1.0:
-        raise InputError(f"max_increase={max_increase}; use a rate in [0, 1)")
-    kw = {k: v for k, v in dict(mars_kwargs or {}).items() if k != "tau"}
-    ids = list(refusal_ids) if refusal_ids is not None else refusal_token_ids(mm.tokenizer)
-    names = list(safe_sets)
-    batches = {n: [mm.build_batch(t, **m) for t, m in safe_sets[n].batches(batch_size)] for n in names}
-    base = np.array([_refusal_rate(mm, batches[n], NoSteer(), ids) for n in names])
-    rate = np.zeros((len(names), len(taus)))
-    for j, t in enumerate(taus):
-        st = MARS(calibration, layer, tau=t, **kw)
-        for i, n in enumerate(names):
-            rate[i, j] = _refusal_rate(mm, batches[n], st, ids)
-    inc = rate - base[:, None]
-    feasible = (inc <= max_increase + 1e-12).all(axis=0)
-    fallback = not feasible.any()
-    idx = int(np.argmax(feasible)) if not fallback else len(taus) - 1
-    if fallback:
-        warnings.warn(f"no tau on the grid keeps every safe set within +{max_increase:.2f} refusal; "
-                      f"using the largest, {taus[idx]}", stacklevel=2)
-    ds = xr.Dataset(
-        {
-            "rate": (("set", "tau"), rate),
-            "base_rate": (("set",), base),
-            "increase": (("set", "tau"), inc),
-            "feasible": (("tau",), feasible),
-            "n_prompts": (("set",), np.array([len(safe_sets[n]) for n in names])),
-        },
-        coords={"set": names, "tau": taus},
-        attrs={
-            "selected_tau": float(taus[idx]), "layer": int(layer), "max_increase": float(max_increase),
-            "fallback": bool(fallback), "criterion": "first-token refusal log-odds > 0",
-            "mars_kwargs": repr(kw), "set_sha256": repr({n: safe_sets[n].sha256 for n in names}),
-            "mars_version": __version__, "model_id": str(getattr(mm, "model_id", "")),
-        },
+    kw = dict(mars_kwargs or {})
+    gate, ds = select_mars_gate(
+        mm, calibration, layer, safe_sets, taus=taus, gains=[kw.pop("gain", 2.0)], margins=[kw.pop("margin", 0.5)],
+        max_increase=max_increase, refusal_ids=refusal_ids, batch_size=batch_size, mars_kwargs=kw,
+        full_grid=full_grid,
     )
-    return float(taus[idx]), ds
+    return gate["tau"], ds.squeeze(("gain", "margin"), drop=False)

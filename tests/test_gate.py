@@ -1,4 +1,4 @@
-"""MARS's gate threshold fitted on safe data (`mars_core.gate.select_mars_tau`) on the organism."""
+"""MARS's gate fitted on safe data (`mars_core.gate.select_mars_tau`, `select_mars_gate`) on the organism."""
 
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ def test_selected_tau_is_the_smallest_feasible(setup):
 
     mm, calib, safe, _ = setup
     taus = [0.0, 0.1, 0.2, 0.3, 0.6]
-    tau, ds = select_mars_tau(mm, calib, 2, safe, taus=taus, max_increase=0.05, batch_size=16)
+    tau, ds = select_mars_tau(mm, calib, 2, safe, taus=taus, max_increase=0.05, batch_size=16, full_grid=True)
     assert ds.attrs["selected_tau"] == tau and not bool(ds.attrs["fallback"])
     assert list(ds["tau"].values) == taus and set(ds["set"].values) == set(safe)
     ids = refusal_token_ids(mm.tokenizer)
@@ -82,7 +82,79 @@ def test_gate_rejects_bad_input(setup):
 def test_gate_fallback_warns_when_nothing_is_feasible(setup):
     mm, calib, safe, _ = setup
     # only fully open gates on the grid: captions break at every tau, so the largest is returned
-    with pytest.warns(UserWarning, match="no tau on the grid"):
+    with pytest.warns(UserWarning, match="no MARS gate on the grid"):
         tau, ds = select_mars_tau(mm, calib, 2, {"captions": safe["captions"]}, taus=[0.0, 0.05],
                                   max_increase=0.0)
     assert tau == 0.05 and bool(ds.attrs["fallback"])
+
+
+def test_joint_gate_is_the_most_permissive_feasible_point(setup):
+    """select_mars_gate over (tau, gain, margin): the chosen point keeps the safe sets within
+    +0.05 (checked on the per-prompt reference path) and no point that is more permissive under
+    the documented order (smaller tau; same tau and larger gain; ... larger margin) is feasible."""
+    from mars_core.gate import select_mars_gate
+    from mars_core.scoring import refusal_token_ids
+    from mars_core.steering import MARS, NoSteer
+
+    mm, calib, safe, _ = setup
+    taus, gains, margins = [0.0, 0.1, 0.3], [2.0, 8.0], [0.0, 0.5]
+    gate, ds = select_mars_gate(mm, calib, 2, safe, taus=taus, gains=gains, margins=margins, batch_size=16,
+                                full_grid=True)
+    assert set(gate) == {"tau", "gain", "margin"} and not bool(ds.attrs["fallback"])
+    assert ds["rate"].dims == ("set", "tau", "gain", "margin") and ds["rate"].shape == (len(safe), 3, 2, 2)
+    assert (ds.attrs["selected_tau"], ds.attrs["selected_gain"], ds.attrs["selected_margin"]) == (
+        gate["tau"], gate["gain"], gate["margin"])
+    ids = refusal_token_ids(mm.tokenizer)
+    for name, ps in safe.items():
+        base = _rate(mm, ps, NoSteer(), ids)
+        r = _rate(mm, ps, MARS(calib, 2, **gate), ids)
+        assert r == pytest.approx(float(ds["rate"].sel(set=name, **gate)), abs=1e-9)
+        assert r - base <= 0.05 + 1e-9
+    feas = ds["feasible"]
+    for t in taus:
+        for g in gains:
+            for m in margins:
+                more_permissive = (t < gate["tau"] or (t == gate["tau"] and g > gate["gain"])
+                                   or (t == gate["tau"] and g == gate["gain"] and m > gate["margin"]))
+                if more_permissive:
+                    assert not bool(feas.sel(tau=t, gain=g, margin=m)), (t, g, m)
+    # the trust region is what lets the gate open fully on the organism: with the cap at the
+    # harmful centroid (margin 0) tau=0 is feasible; with margin 0.5 caption prompts (which
+    # project between the centroids) are pushed into refusal at tau=0
+    assert bool(feas.sel(tau=0.0, gain=2.0, margin=0.0)) and not bool(feas.sel(tau=0.0, gain=2.0, margin=0.5))
+    assert gate["tau"] == 0.0 and gate["margin"] == 0.0
+    # the gain / margin grids each add a coordinate; the tau-only wrapper keeps [set, tau]
+    from mars_core.gate import select_mars_tau
+
+    tau1, ds1 = select_mars_tau(mm, calib, 2, safe, taus=taus, batch_size=16, mars_kwargs={"margin": 0.0},
+                                full_grid=True)
+    assert ds1["rate"].dims == ("set", "tau") and float(ds1["margin"]) == 0.0 and float(ds1["gain"]) == 2.0
+    np.testing.assert_allclose(ds1["rate"].values, ds["rate"].sel(gain=2.0, margin=0.0).values)
+    assert tau1 == float(ds["tau"][int(np.argmax(ds["feasible"].sel(gain=2.0, margin=0.0).values))])
+
+
+def test_joint_gate_rejects_bad_grids(setup):
+    from mars_core.gate import select_mars_gate
+
+    mm, calib, safe, s = setup
+    with pytest.raises(InputError, match="gains is empty"):
+        select_mars_gate(mm, calib, 2, {"t": safe["harmless_text"]}, gains=[])
+    with pytest.raises(InputError, match="margins=.*>= 0"):
+        select_mars_gate(mm, calib, 2, {"t": safe["harmless_text"]}, margins=[-0.5])
+    with pytest.raises(InputError, match="is empty"):
+        select_mars_gate(mm, calib, 2, {"t": safe["harmless_text"].subset([])})
+
+
+def test_early_stopping_picks_the_same_gate_as_the_full_grid(setup):
+    from mars_core.gate import select_mars_gate
+
+    mm, calib, safe, _ = setup
+    grid = dict(taus=[0.0, 0.1, 0.2, 0.3], gains=[2.0, 8.0], margins=[0.0, 0.5], batch_size=16)
+    g_full, d_full = select_mars_gate(mm, calib, 2, safe, full_grid=True, **grid)
+    g_fast, d_fast = select_mars_gate(mm, calib, 2, safe, **grid)
+    assert g_fast == g_full
+    ev = d_fast["evaluated"].values
+    assert bool(d_full["evaluated"].all()) and not ev.all()  # it skipped points
+    # where both ran, the rates agree; skipped points are NaN, never a made-up rate
+    np.testing.assert_array_equal(d_fast["rate"].values[:, ev], d_full["rate"].values[:, ev])
+    assert np.isnan(d_fast["rate"].values[:, ~ev]).all() and not d_fast["feasible"].values[~ev].any()
