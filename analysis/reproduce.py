@@ -445,23 +445,40 @@ def step_comparison(ctx: Context, dirs, calib, layer: int):
 
 
 # -- driver ---------------------------------------------------------------------------------
-def organism_context(out: Path, *, fresh: bool, settings: Settings, log) -> Context:
-    """The built-in organism, its prompt suite and its training checkpoints."""
+def organism_context(out: Path, *, fresh: bool, settings: Settings, log, run_dir: str | Path | None = None
+                     ) -> Context:
+    """The built-in organism, its prompt suite and its training checkpoints.
+
+    `run_dir`: instead of the shipped weights, a training run of `python -m
+    mars_core.organism.train --out RUN_DIR` (its `stage3/` is the model, its other stage folders
+    the checkpoints of the stability analysis; no `offset` variant is built for it)."""
+    from mars_core.errors import InputError
     from mars_core.model import load_model
     from mars_core.organism import load_organism
     from mars_core.organism.load import WEIGHTS, load_checkpoint, weights_dir
 
     from .suite import organism_suite
 
-    mm = load_model(*load_organism("natural"), family="llava")
-    mm.model_id = "mars-organism/natural"
-    paths = {name: WEIGHTS / "checkpoints" / name for name in ("stage1", "stage2")}
-    paths["stage3"] = weights_dir("natural")
-    paths["stage4_extra"] = WEIGHTS / "checkpoints" / "stage4_extra"
+    if run_dir is None:
+        mm = load_model(*load_organism("natural"), family="llava")
+        mm.model_id = "mars-organism/natural"
+        paths = {name: WEIGHTS / "checkpoints" / name for name in ("stage1", "stage2")}
+        paths["stage3"] = weights_dir("natural")
+        paths["stage4_extra"] = WEIGHTS / "checkpoints" / "stage4_extra"
+    else:
+        run_dir = Path(run_dir)
+        if not (run_dir / "stage3" / "model.safetensors").exists():
+            raise InputError(f"{run_dir} is not an organism training run (no stage3/model.safetensors); give the "
+                             "--out folder of `python -m mars_core.organism.train`")
+        mm = load_model(*load_checkpoint(run_dir / "stage3"), family="llava")
+        mm.model_id = f"mars-organism/run:{run_dir.resolve().name}"
+        paths = {name: run_dir / name for name in ("stage1", "stage2", "stage3", "stage4_extra")
+                 if (run_dir / name / "model.safetensors").exists()}
     ckpts = {name: (lambda p=path: load_model(*load_checkpoint(p))) for name, path in paths.items()}
     ctx = Context(mm, f"{mm.model_id}:{mm.config_hash}:{_weights_hash(mm)}", organism_suite(settings.seed), ckpts,
                   settings, StepCache(out / ".mars_cache", fresh), out, log)
-    ctx.variants["offset"] = lambda: load_model(*load_organism("offset"), family="llava")
+    if run_dir is None:
+        ctx.variants["offset"] = lambda: load_model(*load_organism("offset"), family="llava")
     return ctx
 
 

@@ -50,6 +50,11 @@ def _context(args):
                              "organism pipeline runs locally (it also loads training checkpoints and variants "
                              "that NDIF does not host)")
         return organism_context(out, fresh=args.fresh, settings=_settings(args), log=_log)
+    if args.model.startswith("organism:"):  # a training run folder of mars_core.organism.train
+        if mode:
+            raise InputError(f"mars {args.command} --remote needs a hub model id; organism runs are local")
+        return organism_context(out, fresh=args.fresh, settings=_settings(args), log=_log,
+                                run_dir=args.model.partition(":")[2])
     return hub_context(args.model, out, fresh=args.fresh, settings=_settings(args), log=_log, remote=mode,
                        dtype=args.dtype, device_map=args.device_map)
 
@@ -183,7 +188,8 @@ def _smoke(args: argparse.Namespace) -> int:
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="hub id or local directory (default: the built-in organism)")
+    p.add_argument("--model", default=None, help="hub id or local directory, or organism:RUN_DIR (a training run of "
+                   "mars_core.organism.train); default: the built-in organism")
     add_remote_args(p)
     p.add_argument("--dtype", default=None, help="e.g. bfloat16 (hub models)")
     p.add_argument("--device-map", default=None, help='e.g. "auto" (hub models)')

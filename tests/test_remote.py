@@ -114,6 +114,7 @@ SERVER = textwrap.dedent(
     sys.meta_path.insert(0, _NoMars())
     d = sys.argv[1]
     import torch, transformers, nnsight
+    torch.set_num_threads(int(sys.argv[2]))  # the client's: the test compares results bit for bit
     from nnsight.schema.request import RequestModel
     from nnsight.tracing.tracer import inc, dec
     from safetensors.torch import save_file
@@ -163,7 +164,8 @@ def _run_server(tmp_path, blob):
     (tmp_path / "request.bin").write_bytes(blob)
     script = tmp_path / "server.py"
     script.write_text(SERVER)
-    proc = subprocess.run([sys.executable, "-I", str(script), str(tmp_path)], cwd=tmp_path, capture_output=True,
+    proc = subprocess.run([sys.executable, "-I", str(script), str(tmp_path), str(torch.get_num_threads())],
+                          cwd=tmp_path, capture_output=True,
                           text=True, timeout=600)
     lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
     assert lines, f"server process failed (rc={proc.returncode}):\n{proc.stderr[-4000:]}"
@@ -532,6 +534,7 @@ FAKE_NDIF = textwrap.dedent(
     sys.meta_path.insert(0, _NoMars())
     d = sys.argv[1]
     import torch, transformers, nnsight
+    torch.set_num_threads(int(sys.argv[2]))  # the client's: the test compares results bit for bit
     from nnsight.schema.request import RequestModel
     from nnsight.tracing.tracer import inc, dec
 
@@ -540,9 +543,12 @@ FAKE_NDIF = textwrap.dedent(
     nn = nnsight.TransformersModel(model, processor=proc, tokenizer=proc.tokenizer, task="image-text-to-text")
     print("READY", flush=True)
     for line in sys.stdin:
-        n = line.strip()
-        if n == "EXIT":
+        if line.strip() == "EXIT":
             break
+        n, threads = line.split()
+        # the client's torch thread count: CPU kernels reduce in a thread-dependent order, and the
+        # tests compare server results with local ones bit for bit
+        torch.set_num_threads(int(threads))
         res = {"n": n}
         try:
             blob = open(f"{d}/req_{n}.bin", "rb").read()
@@ -576,7 +582,8 @@ class FakeNDIF:
         (d / "server.py").write_text(FAKE_NDIF)
         self.err = open(d / "server.err", "w")
         env = {k: v for k, v in os.environ.items() if k != "NDIF_API_KEY"}
-        self.proc = subprocess.Popen([sys.executable, "-I", str(d / "server.py"), str(d)], cwd=d, env=env,
+        self.proc = subprocess.Popen([sys.executable, "-I", str(d / "server.py"), str(d), str(torch.get_num_threads())],
+                                     cwd=d, env=env,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.err, text=True)
         self._expect("READY")
         self.n = 0
@@ -596,7 +603,7 @@ class FakeNDIF:
         self.n += 1
         self.blobs.append(blob)
         (self.d / f"req_{self.n}.bin").write_bytes(blob)
-        self.proc.stdin.write(f"{self.n}\n")
+        self.proc.stdin.write(f"{self.n} {torch.get_num_threads()}\n")
         self.proc.stdin.flush()
         reply = json.loads(self._expect("RESULT ")[len("RESULT "):])
         self.replies.append(reply)

@@ -55,3 +55,25 @@ def test_interrupted_run_resumes_without_recomputing(tmp_path, monkeypatch):
     ctx3 = rp.organism_context(tmp_path, fresh=True, settings=st, log=lambda m: None)
     rp.run(ctx3, figures=False)
     assert all(how == "computed" for _, how, _ in ctx3.cache.events)
+
+
+def test_organism_context_on_a_training_run_folder(tmp_path):
+    """`mars reproduce --model organism:RUN_DIR`: the run's stage3 is the model, its other stage
+    folders are the stability checkpoints; a folder that is not a run is refused with the fix."""
+    import shutil
+
+    from mars_core.errors import InputError
+    from mars_core.organism.load import WEIGHTS, weights_dir
+
+    run = tmp_path / "run"
+    shutil.copytree(weights_dir("natural"), run / "stage3")
+    shutil.copytree(WEIGHTS / "checkpoints" / "stage1", run / "stage1")
+    st = rp.Settings.quick()
+    ctx = rp.organism_context(tmp_path / "out", fresh=False, settings=st, log=lambda m: None, run_dir=run)
+    shipped = rp.organism_context(tmp_path / "out2", fresh=False, settings=st, log=lambda m: None)
+    assert ctx.model_key.split(":")[-1] == shipped.model_key.split(":")[-1]  # same weights hash
+    assert ctx.mm.model_id == "mars-organism/run:run"
+    assert set(ctx.checkpoints) == {"stage1", "stage3"} and not ctx.variants
+    assert set(shipped.checkpoints) == {"stage1", "stage2", "stage3", "stage4_extra"} and "offset" in shipped.variants
+    with pytest.raises(InputError, match="not an organism training run"):
+        rp.organism_context(tmp_path / "out", fresh=False, settings=st, log=lambda m: None, run_dir=tmp_path / "out")
