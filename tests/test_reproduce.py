@@ -50,6 +50,14 @@ def test_interrupted_run_resumes_without_recomputing(tmp_path, monkeypatch):
     table = json.loads(written["comparison.json"].read_text())
     assert table  # the JSON table is non-empty
     assert "| mars |" in written["comparison.md"].read_text()
+    # the organism card's per-seed table of the package's MARS reads these files
+    from mars_core.organism.ship import package_mars_table
+
+    card = package_mars_table([tmp_path], ["run"]).splitlines()
+    sel, cmp = load_dataset(written["mars_layer_selection"]), load_dataset(written["comparison"])
+    assert card[2] == f"| MARS layer (`select_mars_layer`) | {int(sel.attrs['selected_layer'])} |"
+    mars_hi = cmp["value"].sel({"method": "mars", "metric": "harmless_image"}).values
+    assert f"| MARS: harmless-image refusal | {mars_hi[0]:.2f} [{mars_hi[1]:.2f}, {mars_hi[2]:.2f}] |" in card
 
     # --fresh recomputes everything
     ctx3 = rp.organism_context(tmp_path, fresh=True, settings=st, log=lambda m: None)

@@ -238,9 +238,41 @@ if __name__ == "__main__":
     main()
 
 
+PACKAGE_METRICS = (("harmful_image", "harmful-image refusal"), ("harmless_image", "harmless-image refusal"),
+                   ("harmful_text", "harmful-text refusal"), ("harmless_text", "harmless-text refusal"),
+                   ("caption_accuracy", "caption accuracy"))
+
+
+def package_mars_table(reproduce_dirs: list[Path], names: list[str]) -> str:
+    """Per-seed rows of the package pipeline (`mars reproduce --model organism:RUN --out DIR`):
+    MARS's selected layer and fitted gate, then unsteered vs MARS rates with their bootstrap CIs,
+    read from DIR/data/{mars_layer_selection,comparison}.nc."""
+    import xarray as xr
+
+    head = "| Measure | " + " | ".join(names) + " |\n|---|" + "---|" * len(names)
+    sel, cmp = [], []
+    for d in reproduce_dirs:
+        with xr.open_dataset(Path(d) / "data" / "mars_layer_selection.nc") as ds:
+            sel.append(dict(ds.attrs))
+        with xr.open_dataset(Path(d) / "data" / "comparison.nc") as ds:
+            cmp.append(ds.load())
+    rows = ["| MARS layer (`select_mars_layer`) | " + " | ".join(str(int(a["selected_layer"])) for a in sel) + " |",
+            "| gate tau / gain / margin (`select_mars_gate`, safe data) | " + " | ".join(
+                f"{a['tau_fitted_on_safe_data']:.2f} / {a['gain_fitted_on_safe_data']:g} / "
+                f"{a['margin_fitted_on_safe_data']:g}" for a in sel) + " |"]
+    fmt = lambda v: f"{v[0]:.2f} [{v[1]:.2f}, {v[2]:.2f}]"  # noqa: E731
+    for method, label in (("none", "unsteered"), ("mars", "MARS"), ("mars_no_recenter", "MARS w/o re-centering")):
+        for metric, mname in PACKAGE_METRICS:
+            rows.append(f"| {label}: {mname} | " + " | ".join(
+                fmt(c["value"].sel({"method": method, "metric": metric}).values) for c in cmp) + " |")
+    return head + "\n" + "\n".join(rows)
+
+
 def write_card(variant: str, results: list[dict], names: list[str], train_logs: list[dict],
-               stability: dict, notes: str, offset_result: dict | None = None) -> Path:
-    """Write ``weights/<variant>/MODEL_CARD.md`` from measured results (nothing typed in)."""
+               stability: dict, notes: str, offset_result: dict | None = None,
+               reproduce_dirs: list[Path] | None = None) -> Path:
+    """Write ``weights/<variant>/MODEL_CARD.md`` from measured results (nothing typed in);
+    `reproduce_dirs` (one per result) add the package pipeline's MARS table."""
     meta = json.loads((WEIGHTS / variant / "organism.json").read_text())
     prov = meta["provenance"]
     walls = "\n".join(
@@ -256,8 +288,8 @@ def write_card(variant: str, results: list[dict], names: list[str], train_logs: 
              f"- data hashes (first batch of each mixture, image pool): `{prov.get('data_hashes')}`",
              f"- steering layer: {meta['layer']} (residual output of "
              f"`model.language_model.layers[{meta['layer']}]`, last prompt token)",
-             "\n## Training wall time (minutes; cpu: 1 torch thread per seed with other jobs "
-             "sharing 2 cores; cuda: one H100 shared by three seeds trained at once)\n",
+             "\n## Training wall time (minutes; cpu: 1 torch thread per seed, two seeds at once "
+             "on a shared 2-core machine)\n",
              "| seed | device | stage 1 | stage 2 | stage 3 | extra | total | stage-2 steps |",
              "|---|---|---|---|---|---|---|---|", walls,
              "\n## Behaviour table (rate [95% Wilson CI] (n))\n",
@@ -269,11 +301,19 @@ def write_card(variant: str, results: list[dict], names: list[str], train_logs: 
              "\n## Shared structure, offsets and steering parameters\n",
              representation_table(results, names),
              "\n## MARS with each part switched off\n",
-             ablation_table(results, names),
-             "\n## Direction stability across checkpoints (cosine of the text direction at "
-             "the steering layer)\n",
-             "\n".join(f"- {n}: " + ", ".join(f"{k} = {v:.3f}" for k, v in st.items())
-                       for n, st in zip(names, stability))]
+             ablation_table(results, names)]
+    if reproduce_dirs:
+        parts += ["\n## The package's MARS on each seed (`mars reproduce --model organism:RUN_DIR`)\n",
+                  "The library pipeline (`mars_core.steering.MARS`: ReLU-gated gain, trust region at "
+                  "`p_harm + margin * gap`), with its layer chosen by `select_mars_layer` and its gate fitted "
+                  "on safe calibration prompts by `select_mars_gate`; judged by the substring judge on 8 "
+                  "greedy tokens over the same held-out evaluation sets; [low, high]: 95% percentile "
+                  "bootstrap over prompts. This is what `mars reproduce` reports (README).\n",
+                  package_mars_table(reproduce_dirs, names)]
+    parts += ["\n## Direction stability across checkpoints (cosine of the text direction at "
+              "the steering layer)\n",
+              "\n".join(f"- {n}: " + ", ".join(f"{k} = {v:.3f}" for k, v in st.items())
+                        for n, st in zip(names, stability))]
     if offset_result is not None:
         parts += ["\n## Offset variant (same seed), natural gate held fixed\n",
                   f"gamma = {offset_result['gamma']}; search: " + json.dumps(
