@@ -221,3 +221,18 @@ def test_shortened_retrain_smoke(tmp_path):
 
     out = Harness(model, proc).generate([Prompt("Hello .")], max_new=3)
     assert isinstance(out[0], str)
+    # the retrain draws the shipped run's data stream (same hashes as the shipped provenance) ...
+    from mars_core.organism.load import weights_dir
+
+    shipped = json.loads((weights_dir("natural") / "provenance.json").read_text())
+    assert prov["data_hashes"] == shipped["data_hashes"] and prov["config_hash"] == shipped["config_hash"]
+    # ... and is deterministic: a second run with the same seed and thread count is bit-identical
+    from safetensors.torch import load_file
+
+    try:
+        train(seed=0, out=tmp_path / "again", steps_scale=0.002, extra_steps=1, threads=1, quiet=True)
+    finally:
+        torch.set_num_threads(n_threads)
+    a, b = load_file(tmp_path / "stage4_extra" / "model.safetensors"), load_file(
+        tmp_path / "again" / "stage4_extra" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
