@@ -2,6 +2,8 @@
 
     python -m mars_core.organism.ship --run runs/organism/seed0 \
         --evals runs/organism/eval_seed0.json runs/organism/eval_seed1.json ...
+    python -m mars_core.organism.ship card --runs RUN0 RUN1 ... --evals E0 E1 ... \
+        --reproduce STUDY0 STUDY1 ... --offset-eval EOFF      # cards only (prose: card_notes/)
 
 Copies ``RUN/stage3`` into ``weights/natural/``, builds the offset variant (see
 :mod:`.variants`) into ``weights/offset/``, writes ``organism.json`` (layer, direction, gate,
@@ -204,7 +206,50 @@ def make_offset(natural_eval: dict, out_eval: Path, target: float = 0.35, seed: 
     return R
 
 
+NOTES = Path(__file__).parent / "card_notes"  # the cards' prose (criteria, caveats), kept in the package
+
+
+def write_cards(runs: list[Path], evals: list[Path], reproduce_dirs: list[Path] | None = None,
+                offset_eval: Path | None = None) -> list[Path]:
+    """Rewrite both model cards from measured files, touching no weights: `runs` are training
+    folders (train logs, checkpoints for direction stability), `evals` their
+    `mars_core.organism.eval` JSONs (shipped seed first), `reproduce_dirs` their
+    `mars reproduce --model organism:RUN` outputs, `offset_eval` the offset variant's eval."""
+    if len(runs) != len(evals) or (reproduce_dirs and len(reproduce_dirs) != len(runs)):
+        raise ValueError("give one eval JSON (and one reproduce folder, if any) per run, in the same order")
+    results = [json.loads(Path(p).read_text()) for p in evals]
+    logs = [json.loads((Path(r) / "train_log.json").read_text()) for r in runs]
+    names = [f"seed {lg['seed']}" + (" (shipped)" if i == 0 else "") for i, lg in enumerate(logs)]
+    stab = [direction_stability(Path(r), res["representation"]["layer"]) for r, res in zip(runs, results)]
+    out = [write_card("natural", results, names, logs, stab, (NOTES / "natural.md").read_text(),
+                      reproduce_dirs=reproduce_dirs)]
+    if offset_eval is not None:
+        off = json.loads(Path(offset_eval).read_text())
+        out.append(write_card("offset", [off], [f"offset ({names[0].replace(' (shipped)', '')})"], logs[:1],
+                              stab[:1], (NOTES / "offset.md").read_text()))
+    return out
+
+
+def card_main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m mars_core.organism.ship card",
+                                 description="Rewrite the model cards from measured files (no weights change).")
+    ap.add_argument("--runs", nargs="+", required=True, help="training folders, shipped seed first")
+    ap.add_argument("--evals", nargs="+", required=True, help="their eval JSONs, same order")
+    ap.add_argument("--reproduce", nargs="*", default=None, help="their `mars reproduce --model organism:RUN` outputs")
+    ap.add_argument("--offset-eval", default=None)
+    a = ap.parse_args(argv)
+    for p in write_cards([Path(r) for r in a.runs], [Path(e) for e in a.evals],
+                         [Path(d) for d in a.reproduce] if a.reproduce else None,
+                         Path(a.offset_eval) if a.offset_eval else None):
+        print("wrote", p)
+
+
 def main(argv=None):
+    import sys
+
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "card":
+        return card_main(argv[1:])
     ap = argparse.ArgumentParser()
     ap.add_argument("--run", required=True, help="run folder of the seed to ship")
     ap.add_argument("--evals", nargs="+", required=True, help="eval JSONs, shipped seed first")
