@@ -279,9 +279,6 @@ def main(argv=None):
         print("offset variant", WEIGHTS / "offset")
 
 
-if __name__ == "__main__":
-    main()
-
 
 PACKAGE_METRICS = (("harmful_image", "harmful-image refusal"), ("harmless_image", "harmless-image refusal"),
                    ("harmful_text", "harmful-text refusal"), ("harmless_text", "harmless-text refusal"),
@@ -375,3 +372,7 @@ def write_card(variant: str, results: list[dict], names: list[str], train_logs: 
     if CARD_BEGIN in prev and CARD_END in prev:
         text += "\n" + prev[prev.index(CARD_BEGIN):prev.index(CARD_END) + len(CARD_END)] + "\n"
     return atomic_write_text(WEIGHTS / variant / "MODEL_CARD.md", text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,6 +1,6 @@
 """Staged training recipe of the organism (issue 4), deterministic under a seed.
 
-    python -m mars_core.organism.train --seed 0 --out runs/organism/seed0   # ~11 min, 1 CPU core
+    python -m mars_core.organism.train --seed 0 --out runs/organism/seed0   # 10.5 min, 1 CPU core
     python -m mars_core.organism.train --seed 0 --out /tmp/smoke --steps-scale 0.02   # smoke
 
 On CPU the run is bit-for-bit deterministic for a given seed and torch thread count; the CLI
