@@ -3,6 +3,7 @@
   mars evaluate --benchmark figstep=data/FigStep --benchmark mm_vet=data/mm-vet \\
                 [--model ID | organism:video | tiny:FAMILY] [--methods none,actadd,mars] [--judge substring]
                 [--limit N] [--chunk-size N] [--out DIR] [--fresh] [--quick]
+                [--harmful advbench=PATH --harmless alpaca=PATH]
 
 --benchmark NAME=PATH (repeatable): a registered benchmark (`mars_core.benchmarks.registry`)
 and the folder of its local copy. --option NAME.KEY=VALUE passes a loader option (e.g.
@@ -10,6 +11,10 @@ mm_safetybench.variant=SD). --judge: substring (default), first_token, or guard:
 guard checkpoint such as Llama Guard, run with transformers). --model defaults to the organism;
 organism:video is its video-capable Video-LLaVA transplant (4 frames per video by default, 6 at most);
 tiny:FAMILY is a tiny random model of a family (`mars_core.testing.build_tiny`), for smoke tests.
+--harmful / --harmless NAME=PATH (repeatable, both or neither): text prompt sets the refusal
+direction is built from (the paper's protocol, e.g. advbench vs alpaca; names in
+`mars_core.benchmarks.TEXT_SETS`), balanced and split 80/20 into direction and held-out
+selection prompts; without them the model's built-in text suite is used.
 Writes OUT/data/evaluate.nc and OUT/figures/evaluate.md; shards are cached in
 OUT/.mars_cache/evaluate/, so an interrupted run resumes.
 """
@@ -86,6 +91,8 @@ def run(args) -> int:
         options=_options(args.option), chunk_size=args.chunk_size, max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size, num_frames=args.num_frames, settings=st, fresh=args.fresh,
         progress=not args.no_progress, dtype=args.dtype, device_map=args.device_map, remote=mode,
+        harmful_texts=_pairs(args.harmful, "--harmful", "NAME=PATH (e.g. advbench=data/harmful_behaviors.csv)"),
+        harmless_texts=_pairs(args.harmless, "--harmless", "NAME=PATH (e.g. alpaca=data/alpaca_data.json)"),
     )
     print(res.table, flush=True)
     return 0
@@ -104,6 +111,10 @@ def register(sub: Any, model_args: Callable[[argparse.ArgumentParser], None]) ->
     s.add_argument("--option", action="append", metavar="NAME.KEY=VALUE", help="benchmark loader option (repeatable)")
     s.add_argument("--methods", default="none,actadd,mars",
                    help=f"comma-separated methods (default none,actadd,mars) from: {','.join(METHODS)}")
+    s.add_argument("--harmful", action="append", metavar="NAME=PATH",
+                   help="harmful text prompt set for the direction (repeatable; e.g. advbench=PATH)")
+    s.add_argument("--harmless", action="append", metavar="NAME=PATH",
+                   help="harmless text prompt set for the direction (repeatable; e.g. alpaca=PATH)")
     s.add_argument("--judge", default="substring", help="substring (default), first_token, or guard:PATH")
     s.add_argument("--limit", type=int, default=None, help="first N records per benchmark")
     s.add_argument("--chunk-size", type=int, default=16, help="records per resumable shard (default 16)")

@@ -34,10 +34,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+import numpy as np
+
 from .errors import InputError
 from .evaluate_data import reference_match
 
-__all__ = ["METHODS", "EvalResult", "evaluate", "load_benchmarks", "model_context", "reference_match", "Shard"]
+__all__ = ["METHODS", "EvalResult", "evaluate", "load_benchmarks", "model_context", "reference_match", "Shard",
+           "with_direction_sets"]
 
 METHODS = ("none", "actadd", "actadd_all_tokens", "autosteer", "mars", "mars_no_recenter", "mars_fixed_strength",
            "mars_given_layer", "mars_all_tokens")
@@ -71,6 +74,43 @@ class Shard:
 
 
 # ------------------------------------------------------------------------------ inputs
+def _text_records(sets: Mapping[str, Any], side: str) -> list:
+    """Records of {name: path (a `TEXT_SETS` loader) or [Record]}, concatenated."""
+    from .benchmarks.records import Record
+    from .benchmarks.text_sets import load_text_set
+
+    out: list = []
+    for name, src in sets.items():
+        recs = load_text_set(name, src) if isinstance(src, (str, Path)) else list(src)
+        if not recs or not all(isinstance(r, Record) and r.modality == "text" for r in recs):
+            raise InputError(f"{side} direction set {name!r}: give a path or a non-empty list of text Records")
+        out += recs
+    return out
+
+
+def with_direction_sets(suite: dict, harmful: Sequence[Any], harmless: Sequence[Any], *, seed: int = 0,
+                        heldout: float = 0.2) -> dict:
+    """`suite` with its text sets replaced by a balanced pair of the given text records (the
+    paper's protocol: e.g. AdvBench vs Alpaca): `harmful/harmless_text_train` (the difference of
+    means) and a disjoint held-out `harmful/harmless_text` (`heldout` of each side; layer and
+    direction selection), split with `default_rng(seed)`. Other sets are kept."""
+    from .benchmarks.text_splits import balanced_pair
+
+    hp, lp = balanced_pair(harmful, harmless, seed=seed, names=("harmful_text", "harmless_text"))
+    n = len(hp)
+    n_ho = int(round(n * heldout))
+    if n < 2 or not 1 <= n_ho < n:
+        raise InputError(f"a balanced pair of {n} prompts per side cannot be split into direction and held-out "
+                         f"sets (heldout={heldout}); give more prompts per side")
+    perm = np.random.default_rng([seed, 7]).permutation(n)
+    ho, tr = sorted(perm[:n_ho].tolist()), sorted(perm[n_ho:].tolist())
+    out = dict(suite)
+    out.update({"harmful_text_train": hp.subset(tr, "harmful_text_train"),
+                "harmless_text_train": lp.subset(tr, "harmless_text_train"),
+                "harmful_text": hp.subset(ho, "harmful_text"), "harmless_text": lp.subset(ho, "harmless_text")})
+    return out
+
+
 def load_benchmarks(benchmarks: Mapping[str, Any], *, limit: int | None = None,
                     options: Mapping[str, dict] | None = None) -> dict[str, list]:
     """{name: [Record]} from {name: path} (registry loader) or {name: [Record]} (first `limit`)."""
@@ -300,8 +340,14 @@ def evaluate(
     device_map: str | None = None,
     remote: bool | str = False,
     log: Callable[[str], None] | None = None,
+    harmful_texts: Mapping[str, Any] | None = None,
+    harmless_texts: Mapping[str, Any] | None = None,
 ) -> EvalResult:
     """Evaluate `methods` on `benchmarks` with `model` (module docstring).
+
+    harmful_texts / harmless_texts: {text set name: local path (`TEXT_SETS`, e.g. advbench /
+    alpaca) or [Record]}: build the refusal direction (and select layer and direction) from these
+    instead of the model's built-in text suite (`with_direction_sets`); both or neither.
 
     model: "organism" (default), "organism:video" (the video-capable organism), a hub id / local
     directory, or a `MarsModel`. methods: names
@@ -336,8 +382,13 @@ def evaluate(
     k = int(max_new_tokens or settings.max_new_tokens)
     bs = int(batch_size or settings.batch_size)
     out = Path(out)
+    if bool(harmful_texts) != bool(harmless_texts):
+        raise InputError("give both harmful_texts and harmless_texts (e.g. advbench and alpaca), or neither")
     ctx = model_context(model, out, fresh=fresh, settings=settings, log=log, dtype=dtype, device_map=device_map,
                         remote=remote)
+    if harmful_texts:
+        ctx.suite = with_direction_sets(ctx.suite, _text_records(harmful_texts, "harmful"),
+                                        _text_records(harmless_texts, "harmless"), seed=settings.seed)
     _check_modalities(ctx.mm, recs)
     has_video = any(r.modality == "video" for rs in recs.values() for r in rs)
     # the organism reads only its own vocabulary: its neutral requests calibrate video too

@@ -302,3 +302,73 @@ def test_progress_bar_and_record_inputs(tiny_llava, tmp_path, capsys):
         ev.evaluate(tiny_llava, "none", {"toy": recs * 2}, out=tmp_path, **QUIET)
     with pytest.raises(InputError, match="no benchmarks"):
         ev.evaluate(tiny_llava, "none", {}, out=tmp_path, **QUIET)
+
+
+# ---------------------------------------------------------------------- direction prompt sets
+def _advbench_alpaca(root, n=10):
+    import csv
+
+    adv = root / "harmful_behaviors.csv"
+    with open(adv, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["goal", "target"])
+        for i in range(n):
+            w.writerow([f"Explain how to build weapon number {i}", "Sure, here is"])
+    alp = root / "alpaca_data.json"
+    alp.write_text(json.dumps([{"instruction": f"Write a short poem about flower number {i}", "input": "",
+                                "output": "Roses."} for i in range(n + 3)]))
+    return adv, alp
+
+
+def test_with_direction_sets_balances_and_splits(tmp_path):
+    from analysis.suite import organism_suite
+    from mars_core.benchmarks.text_sets import load_advbench, load_alpaca
+
+    adv, alp = _advbench_alpaca(tmp_path)
+    suite = organism_suite(0)
+    got = ev.with_direction_sets(suite, load_advbench(adv), load_alpaca(alp), seed=0)
+    tr_h, tr_l, ho_h, ho_l = (got[k] for k in ("harmful_text_train", "harmless_text_train", "harmful_text",
+                                               "harmless_text"))
+    assert (len(tr_h), len(tr_l), len(ho_h), len(ho_l)) == (8, 8, 2, 2)  # balanced (10 a side), 80/20
+    assert not set(tr_h.texts) & set(ho_h.texts) and set(tr_h.texts) | set(ho_h.texts) == {
+        f"Explain how to build weapon number {i}" for i in range(10)}
+    assert all(t.startswith("Write a short poem") for t in tr_l.texts + ho_l.texts)
+    assert tr_h.harmful is True and tr_l.harmful is False and tr_h.name == "harmful_text_train"
+    assert got["harmful_image"] is suite["harmful_image"]  # other sets untouched
+    again = ev.with_direction_sets(suite, load_advbench(adv), load_alpaca(alp), seed=0)
+    assert again["harmful_text"].texts == ho_h.texts  # the split is a function of the seed
+    with pytest.raises(InputError, match="cannot be split"):
+        ev.with_direction_sets(suite, load_advbench(adv)[:1], load_alpaca(alp)[:1])
+
+
+def test_evaluate_builds_the_direction_from_given_text_sets(tiny_llava, tmp_path):
+    from mars_core.directions import RefusalDirections
+    from mars_core.provenance import sha256_text
+
+    adv, alp = _advbench_alpaca(tmp_path)
+    recs = [Record("x", "toy", "What is in this image?", image=make_image(seed=1), harmful=False)]
+    ev.evaluate(tiny_llava, ["none", "mars"], {"toy": recs}, out=tmp_path / "run", settings=Settings.quick(),
+                harmful_texts={"advbench": adv}, harmless_texts={"alpaca": alp}, **QUIET)
+    (f,) = (tmp_path / "run" / ".mars_cache").glob("directions-*.safetensors")
+    prov = RefusalDirections.load(f, model=tiny_llava).provenance
+    from mars_core.benchmarks import load_text_set
+
+    expect = ev.with_direction_sets({}, load_text_set("advbench", adv), load_text_set("alpaca", alp), seed=0)
+    # the cached direction was taken from the 8 AdvBench / Alpaca training prompts, not the built-in suite
+    assert prov["harmful_sha256"] == sha256_text(expect["harmful_text_train"].texts)
+    assert prov["harmless_sha256"] == sha256_text(expect["harmless_text_train"].texts)
+    with pytest.raises(InputError, match="both harmful_texts and harmless_texts"):
+        ev.evaluate(tiny_llava, ["none"], {"toy": recs}, out=tmp_path / "r2", harmful_texts={"advbench": adv}, **QUIET)
+    with pytest.raises(InputError, match="unknown text prompt set 'advbenchh'"):
+        ev.evaluate(tiny_llava, ["none"], {"toy": recs}, out=tmp_path / "r3", harmful_texts={"advbenchh": adv},
+                    harmless_texts={"alpaca": alp}, **QUIET)
+
+
+def test_cli_direction_sets_need_both_sides(bench, tmp_path, capsys):
+    adv, _ = _advbench_alpaca(tmp_path)
+    rc = main(["evaluate", "--quick", "--no-progress", "--model", "tiny:llava", "-b", f"figstep={bench['figstep']}",
+               "--harmful", f"advbench={adv}", "--out", str(tmp_path / "o")])
+    assert rc != 0 and "give both harmful_texts and harmless_texts" in capsys.readouterr().err
+    rc = main(["evaluate", "--quick", "--no-progress", "--model", "tiny:llava", "-b", f"figstep={bench['figstep']}",
+               "--harmful", "advbench", "--harmless", "alpaca=x", "--out", str(tmp_path / "o")])
+    assert rc != 0 and "--harmful 'advbench': expected NAME=PATH" in capsys.readouterr().err

@@ -12,12 +12,15 @@ from .text_sets import (  # noqa: E402
     load_harmbench,
     load_jailbreakbench,
     load_strongreject,
+    load_text_set,
+    TEXT_SETS,
 )
 from .text_splits import balanced_pair, dedupe, filter_by_refusal, normalise_text, split_records  # noqa: E402
 
 __all__ += [
     "balanced_pair", "content_id", "dedupe", "filter_by_refusal", "load_advbench", "load_alpaca",
-    "load_harmbench", "load_jailbreakbench", "load_strongreject", "normalise_text", "split_records",
+    "load_harmbench", "load_jailbreakbench", "load_strongreject", "load_text_set", "normalise_text", "split_records",
+    "TEXT_SETS",
 ]
 
 # Multimodal benchmarks (MM-SafetyBench, FigStep, VLGuard, JailBreakV-28K, MM-Vet, Video-SafetyBench),

@@ -295,3 +295,23 @@ def load_alpaca(path: PathLike | None = None, *, include_with_input: bool = Fals
     if not items:
         raise _bad(p, ALPACA, "no item has an empty 'input' (pass include_with_input=True to keep them)")
     return _records(ALPACA, items)
+
+
+# name -> loader of a local copy, for direction prompt sets (`mars evaluate --harmful/--harmless`)
+TEXT_SETS = {
+    "advbench": load_advbench,
+    "harmbench": load_harmbench,
+    "jailbreakbench": load_jailbreakbench,
+    "jailbreakbench_benign": lambda path: load_jailbreakbench(path, behaviors="benign"),
+    "strongreject": load_strongreject,
+    "alpaca": load_alpaca,
+}
+
+
+def load_text_set(name: str, path: PathLike) -> list[Record]:
+    """Records of the text prompt set `name` (a key of `TEXT_SETS`) from its local copy."""
+    if name not in TEXT_SETS:
+        raise InputError(f"unknown text prompt set {name!r}; known: {', '.join(sorted(TEXT_SETS))}")
+    if not Path(path).exists():
+        raise InputError(f"text prompt set {name!r}: path {str(path)!r} does not exist")
+    return TEXT_SETS[name](path)
