@@ -1087,7 +1087,7 @@ def _prefix_positions(mm: Any, inputs: dict) -> torch.Tensor | None:
     return None
 
 
-def first_token_sweep(mm: Any, batch: Any, steerers: Sequence[Steerer], *, reuse_prefix: bool = True,
+def first_token_sweep(mm: Any, batch: Any, steerers: Sequence[Steerer], *, reuse_prefix: bool | None = None,
                       check: bool = True, atol: float = 1e-4) -> tuple[torch.Tensor, list[dict]]:
     """Next-token logits at the last prompt column for each steerer: ([S, batch, vocab] float32, records).
 
@@ -1099,11 +1099,18 @@ def first_token_sweep(mm: Any, batch: Any, steerers: Sequence[Steerer], *, reuse
     ablation) get a full forward. With check, the cached path is verified once per call against
     a full unsteered forward (max |logit difference| <= atol); if it disagrees (a family whose
     positions are computed differently), the sweep falls back to full forwards with a warning.
+    reuse_prefix=None (default): reuse it when the traces run locally, not when they run remotely
+    (`mars_core.remote`), where the key/value cache would travel down and up again with every
+    steerer; remotely each steerer is one full-forward request that returns only its logits.
     """
     import copy
 
     import nnsight
 
+    from .remote import resolve
+
+    if reuse_prefix is None:
+        reuse_prefix = not resolve(mm)
     steerers = list(steerers)
     out: list[torch.Tensor | None] = [None] * len(steerers)
     recs: list[dict] = [{} for _ in steerers]
