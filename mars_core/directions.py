@@ -20,7 +20,6 @@ count differs raises `IncompatibleModelError`.
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -30,7 +29,7 @@ from typing import Any, Sequence
 import torch
 
 from .errors import ArtifactError, IncompatibleModelError, InputError, MarsError
-from .provenance import atomic_path, make_provenance, sha256_text
+from .provenance import make_provenance, read_tensor_file, save_tensor_file, sha256_text
 
 FORMAT_NAME = "mars.refusal_directions"
 FORMAT_VERSION = "1"
@@ -313,29 +312,18 @@ class RefusalDirections:
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | os.PathLike) -> Path:
         """Write a safetensors file atomically (tensors bit-exact; provenance as JSON metadata)."""
-        from safetensors.torch import save_file
-
         tensors = {
-            "harmful_mean": self.harmful_mean.contiguous(),
-            "harmless_mean": self.harmless_mean.contiguous(),
-            "mean_diff": self.mean_diff.contiguous(),
-            "unit": self.unit.contiguous(),
+            "harmful_mean": self.harmful_mean,
+            "harmless_mean": self.harmless_mean,
+            "mean_diff": self.mean_diff,
+            "unit": self.unit,
             "layers": torch.tensor(self.layers, dtype=torch.int64),
             "positions": torch.tensor(self.positions, dtype=torch.int64),
         }
-        meta = {
-            "format": FORMAT_NAME,
-            "format_version": FORMAT_VERSION,
-            "n_layers": str(self.n_layers),
-            "d_model": str(self.d_model),
-            "n_harmful": str(self.n_harmful),
-            "n_harmless": str(self.n_harmless),
-            "provenance": json.dumps(self.provenance, sort_keys=True, default=str),
-        }
-        path = Path(path)
-        with atomic_path(path) as tmp:
-            save_file(tensors, str(tmp), metadata=meta)
-        return path
+        meta = {"n_layers": str(self.n_layers), "d_model": str(self.d_model), "n_harmful": str(self.n_harmful),
+                "n_harmless": str(self.n_harmless)}
+        return save_tensor_file(path, tensors, meta, fmt=FORMAT_NAME, version=FORMAT_VERSION,
+                                provenance=self.provenance)
 
     @classmethod
     def load(cls, path: str | os.PathLike, model: Any = None) -> "RefusalDirections":
@@ -343,34 +331,10 @@ class RefusalDirections:
         raise IncompatibleModelError unless its layer count and d_model match; warn if its
         config hash differs while the shapes match. ArtifactError if the file is missing,
         unreadable or not a refusal-directions file."""
-        from safetensors import safe_open
-
         path = Path(path)
-        if not path.is_file():
-            raise ArtifactError(f"No refusal-directions file at {path}.")
+        t, meta, prov = read_tensor_file(path, fmt=FORMAT_NAME, version=FORMAT_VERSION, what="refusal-directions",
+                                         required=_TENSOR_KEYS)
         try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-                keys = set(f.keys())
-                if meta.get("format") != FORMAT_NAME:
-                    raise ArtifactError(
-                        f"{path} is not a refusal-directions file (format={meta.get('format')!r}, "
-                        f"expected {FORMAT_NAME!r})."
-                    )
-                missing = [k for k in _TENSOR_KEYS if k not in keys]
-                if missing:
-                    raise ArtifactError(f"{path} lacks tensors {missing}; the file is incomplete.")
-                t = {k: f.get_tensor(k) for k in _TENSOR_KEYS}
-        except ArtifactError:
-            raise
-        except Exception as e:  # safetensors raises SafetensorError / OSError on corrupt files
-            raise ArtifactError(f"Cannot read refusal directions from {path}: {e}") from e
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise ArtifactError(
-                f"{path} has format version {meta.get('format_version')!r}; this mars reads {FORMAT_VERSION!r}."
-            )
-        try:
-            prov = json.loads(meta.get("provenance", "{}"))
             n_layers, d_model = int(meta["n_layers"]), int(meta["d_model"])
             n_harm, n_safe = int(meta["n_harmful"]), int(meta["n_harmless"])
         except (KeyError, ValueError) as e:

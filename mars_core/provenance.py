@@ -97,3 +97,52 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
     """Write JSON (indented, sorted keys) atomically; returns the final path."""
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def save_tensor_file(path: str | os.PathLike, tensors: dict, meta: dict[str, str], *, fmt: str, version: str,
+                     provenance: dict[str, Any]) -> Path:
+    """Write `tensors` to a safetensors file atomically, with string metadata `meta` plus the
+    format name/version and the provenance (as JSON). Tensors are stored bit-exact."""
+    from safetensors.torch import save_file
+
+    full = {"format": fmt, "format_version": version, **meta,
+            "provenance": json.dumps(provenance, sort_keys=True, default=str)}
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=full)
+    return path
+
+
+def read_tensor_file(path: str | os.PathLike, *, fmt: str, version: str, what: str,
+                     required: Iterable[str] = ()) -> tuple[dict, dict[str, str], dict[str, Any]]:
+    """(tensors, metadata, provenance) of a file written by `save_tensor_file`.
+
+    ArtifactError naming `what` and the problem when the file is missing, unreadable, of another
+    format or version, lacks a `required` tensor or has corrupt provenance."""
+    from safetensors import safe_open
+
+    from .errors import ArtifactError
+
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"No {what} file at {path}.")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != fmt:
+                raise ArtifactError(f"{path} is not a {what} file (format={meta.get('format')!r}, expected {fmt!r}).")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except ArtifactError:
+        raise
+    except Exception as e:  # safetensors raises SafetensorError / OSError on corrupt files
+        raise ArtifactError(f"Cannot read the {what} from {path}: {e}") from e
+    if meta.get("format_version") != version:
+        raise ArtifactError(f"{path} has format version {meta.get('format_version')!r}; this mars reads {version!r}.")
+    missing = [k for k in required if k not in tensors]
+    if missing:
+        raise ArtifactError(f"{path} lacks tensors {missing}; the file is incomplete.")
+    try:
+        prov = json.loads(meta.get("provenance", "{}"))
+    except ValueError as e:
+        raise ArtifactError(f"{path} has corrupt provenance metadata: {e}") from e
+    return tensors, meta, prov

@@ -35,7 +35,7 @@ import torch
 from nnsight.intervention.iterator import Iterations
 
 from .errors import ArtifactError, IncompatibleModelError, InputError, MarsError
-from .provenance import atomic_path, make_provenance, sha256_text
+from .provenance import make_provenance, read_tensor_file, save_tensor_file, sha256_text
 from .selection import project_out
 
 SCOPES = ("first", "every")
@@ -561,54 +561,25 @@ class MarsCalibration:
     # -- persistence ---------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> Path:
         """Write safetensors atomically (bit-exact tensors; metadata as strings)."""
-        from safetensors.torch import save_file
-
         tensors = {
             "layers": torch.tensor(self.layers, dtype=torch.int64),
-            "direction": self.direction.contiguous(),
-            "p_harm": self.p_harm.contiguous(),
-            "p_safe": self.p_safe.contiguous(),
+            "direction": self.direction,
+            "p_harm": self.p_harm,
+            "p_safe": self.p_safe,
+            **{f"offset.{m}": o for m, o in self.offsets.items()},
         }
-        for m, o in self.offsets.items():
-            tensors[f"offset.{m}"] = o.contiguous()
-        meta = {
-            "format": CALIBRATION_FORMAT,
-            "format_version": CALIBRATION_VERSION,
-            "n_layers": str(self.n_layers),
-            "d_model": str(self.d_model),
-            "pos": str(self.pos),
-            "layers_path": self.layers_path or "",
-            "provenance": json.dumps(self.provenance, sort_keys=True, default=str),
-        }
-        path = Path(path)
-        with atomic_path(path) as tmp:
-            save_file(tensors, str(tmp), metadata=meta)
-        return path
+        meta = {"n_layers": str(self.n_layers), "d_model": str(self.d_model), "pos": str(self.pos),
+                "layers_path": self.layers_path or ""}
+        return save_tensor_file(path, tensors, meta, fmt=CALIBRATION_FORMAT, version=CALIBRATION_VERSION,
+                                provenance=self.provenance)
 
     @classmethod
     def load(cls, path: str | os.PathLike, model: Any = None) -> "MarsCalibration":
         """Read a file written by `save`; IncompatibleModelError if `model` (MarsModel, HF model or
         config) has another layer count or d_model; ArtifactError if unreadable."""
-        from safetensors import safe_open
-
         path = Path(path)
-        if not path.is_file():
-            raise ArtifactError(f"no MARS calibration file at {path}")
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-                if meta.get("format") != CALIBRATION_FORMAT:
-                    raise ArtifactError(
-                        f"{path} is not a MARS calibration (format={meta.get('format')!r}, expected "
-                        f"{CALIBRATION_FORMAT!r})"
-                    )
-                t = {k: f.get_tensor(k) for k in f.keys()}
-        except ArtifactError:
-            raise
-        except Exception as e:
-            raise ArtifactError(f"cannot read MARS calibration from {path}: {e}") from e
-        if meta.get("format_version") != CALIBRATION_VERSION:
-            raise ArtifactError(f"{path} has format version {meta.get('format_version')!r}; expected {CALIBRATION_VERSION!r}")
+        t, meta, prov = read_tensor_file(path, fmt=CALIBRATION_FORMAT, version=CALIBRATION_VERSION,
+                                         what="MARS calibration", required=("layers", "direction", "p_harm", "p_safe"))
         try:
             calib = cls(
                 layers=tuple(t["layers"].tolist()),
@@ -620,7 +591,7 @@ class MarsCalibration:
                 d_model=int(meta["d_model"]),
                 pos=int(meta["pos"]),
                 layers_path=meta.get("layers_path") or None,
-                provenance=json.loads(meta.get("provenance", "{}")),
+                provenance=prov,
             )
         except KeyError as e:
             raise ArtifactError(f"{path} is incomplete: missing {e}") from e
