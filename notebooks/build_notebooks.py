@@ -88,15 +88,23 @@ fig.tight_layout()
     md("""
 ## 3. Steering image requests
 MARS needs the modality offset, measured on *neutral* inputs only (benign requests with blank,
-solid-colour and noise images), and picks its layer from text plus neutral images.
+solid-colour and noise images), picks its layer from text plus neutral images, and fits its
+gate (threshold, gain, trust-region margin) on *safe* prompts only: the most permissive gate
+that adds at most 5 points of first-token refusal to harmless text, harmless image requests
+and caption prompts.
 """),
     code("""
 calib = neutral_calibration(mm, dirs, suite["neutral_text"], {"image": suite["neutral_image"]})
 neutral = {"image": {"texts": suite["neutral_image"].texts, "images": suite["neutral_image"].images}}
 layer, selection = select_mars_layer(mm, calib, suite["harmful_text"].texts[:32], neutral=neutral)
 print("MARS layer:", layer)
+from mars_core.gate import select_mars_gate
 
-methods = {"none": NoSteer(), "actadd": ActAdd.from_directions(dirs, layer, 1.0), "mars": MARS(calib, layer)}
+safe = {n: suite[n] for n in ("harmless_text_train", "harmless_image_cal", "captions_cal")}
+gate, gate_ds = select_mars_gate(mm, calib, layer, safe)
+print("gate fitted on safe data:", gate)
+
+methods = {"none": NoSteer(), "actadd": ActAdd.from_directions(dirs, layer, 1.0), "mars": MARS(calib, layer, **gate)}
 h = suite["harmful_image"].subset(range(0, 96, 24)); s = suite["harmless_image"].subset(range(0, 96, 24))
 for name, st in methods.items():
     gh = st.generate(mm, h.texts, images=h.images, max_new_tokens=8)
@@ -111,7 +119,7 @@ record the per-row strength it applied.
     code("""
 import nnsight
 
-mars = MARS(calib, layer)
+mars = MARS(calib, layer, **gate)
 batch = mm.build_batch(h.texts, images=h.images)
 with torch.no_grad():
     with mm.nn.generate(max_new_tokens=8, do_sample=False) as tracer:
