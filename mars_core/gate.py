@@ -67,15 +67,16 @@ def select_mars_gate(
 
     For each (gain, margin) the taus are scored in increasing order (other MARS settings from
     `mars_kwargs`) up to the first feasible one; larger taus are only scored with
-    `full_grid=True` (their `rate` is NaN otherwise, `evaluated` says which points ran). Among
-    the feasible points the smallest tau wins, then the largest gain, then the largest margin
-    (exact under early stopping: each (gain, margin) contributes its smallest feasible tau).
+    `full_grid=True` (their `rate` is NaN otherwise, `evaluated` says which points ran), and
+    never past the smallest feasible tau found so far. Among the feasible points the smallest
+    tau wins, then the largest gain, then the largest margin (exact under early stopping: each
+    (gain, margin) contributes its smallest feasible tau if it can still win).
     Returns `(gate, xarray.Dataset)`: `gate = {"tau", "gain", "margin"}` (ready for
     `MARS(calibration, layer, **gate)`); the Dataset has `rate [set, tau, gain, margin]` (refusal
     rate under MARS), `base_rate [set]` (unsteered), `increase`, `feasible [tau, gain, margin]`,
-    `evaluated [tau, gain, margin]`, `n_prompts [set]`, attrs `selected_tau/gain/margin`, `max_increase`, `fallback` (True when no
-    point is feasible: the most closed gate, largest tau, smallest gain and margin, is returned
-    and a warning issued) and the sets' hashes.
+    `evaluated [tau, gain, margin]`, `n_prompts [set]`, attrs `selected_tau/gain/margin`,
+    `max_increase`, `fallback` (True when no point is feasible: the most closed gate, largest
+    tau, smallest gain and margin, is returned and a warning issued) and the sets' hashes.
     """
     import xarray as xr
 
@@ -88,8 +89,6 @@ def select_mars_gate(
     for name, ps in safe_sets.items():
         if ps.harmful:
             raise InputError(f"safe set {name!r} is labelled harmful; the gate is fitted on safe data only")
-        if len(ps) == 0:
-            raise InputError(f"safe set {name!r} is empty; give it prompts or leave it out")
     taus = _grid(taus, "taus", "DEFAULT_TAUS")
     gains = _grid(gains, "gains", "DEFAULT_GAINS")
     margins = _grid(margins, "margins", "DEFAULT_MARGINS")
@@ -101,13 +100,15 @@ def select_mars_gate(
     batches = {n: [mm.build_batch(t, **m) for t, m in safe_sets[n].batches(batch_size)] for n in names}
     base = np.array([_refusal_rate(mm, batches[n], NoSteer(), ids) for n in names])
     rate = np.full((len(names), len(taus), len(gains), len(margins)), np.nan)
+    last = len(taus) - 1  # without full_grid: no tau above the smallest feasible one found so far
     for k, g in enumerate(gains):
         for m_, mg in enumerate(margins):
-            for j, t in enumerate(taus):
+            for j, t in enumerate(taus[: last + 1]):
                 st = MARS(calibration, layer, tau=t, gain=g, margin=mg, **kw)
                 for i, n in enumerate(names):
                     rate[i, j, k, m_] = _refusal_rate(mm, batches[n], st, ids)
                 if not full_grid and (rate[:, j, k, m_] - base <= max_increase + 1e-12).all():
+                    last = j
                     break
     inc = rate - base[:, None, None, None]
     evaluated = ~np.isnan(rate).any(axis=0)
