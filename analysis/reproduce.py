@@ -178,17 +178,24 @@ def step_mars_layer(ctx: Context, calib) -> tuple[int, Any]:
     return int(ds.attrs["selected_layer"]), ds
 
 
-def step_mars_gate(ctx: Context, calib, layer: int):
+def _gate_fixed_parts(st: Settings) -> dict:
+    """{"tau"/"gain"/"margin": the value the settings fix, or None where the gate fits it}."""
+    return {"tau": st.mars_tau, "gain": st.mars_gain, "margin": st.mars_margin}
+
+
+def step_mars_gate(ctx: Context, calib, layer: int, fixed: dict | None = None):
     """MARS's gate (tau, gain, margin) at `layer`, fitted on the suite's safe calibration sets
-    only (`mars_core.gate.select_mars_gate`); a part fixed in the settings keeps its value."""
+    only (`mars_core.gate.select_mars_gate`); a part `fixed` gives (default: the settings' fixed
+    parts, `_gate_fixed_parts`) keeps its value."""
     from mars_core.gate import DEFAULT_TAUS, select_mars_gate
 
     names = [n for n in ("harmless_text_train", "harmless_image_cal", "captions_cal") if n in ctx.suite]
     safe = {n: _cap(ctx, n) for n in names}
     st = ctx.settings
-    grids = {"taus": list(DEFAULT_TAUS) if st.mars_tau is None else [st.mars_tau],
-             "gains": list(st.mars_gains) if st.mars_gain is None else [st.mars_gain],
-             "margins": list(st.mars_margins) if st.mars_margin is None else [st.mars_margin]}
+    fixed = _gate_fixed_parts(st) if fixed is None else fixed
+    grids = {"taus": list(DEFAULT_TAUS) if fixed["tau"] is None else [fixed["tau"]],
+             "gains": list(st.mars_gains) if fixed["gain"] is None else [fixed["gain"]],
+             "margins": list(st.mars_margins) if fixed["margin"] is None else [fixed["margin"]]}
     ds = ctx.cache.get(
         "mars_gate",
         {"model": ctx.model_key, "layer": int(layer), "sets": {n: p.sha256 for n, p in safe.items()},
@@ -214,12 +221,13 @@ def step_mars_layer_and_gate(ctx: Context, calib):
     if st.mars_gate_fixed:
         layer, ds = step_mars_layer(ctx, calib)
         return layer, ds, None
+    fixed = _gate_fixed_parts(st)  # what the caller fixed, before the fitted values fill the settings
     layer0, _ = step_mars_layer(ctx, calib)
-    gate, gate_ds = step_mars_gate(ctx, calib, layer0)
+    gate, gate_ds = step_mars_gate(ctx, calib, layer0, fixed)
     _set_gate(st, gate)
     layer, ds = step_mars_layer(ctx, calib)
-    if layer != layer0:
-        gate, gate_ds = step_mars_gate(ctx, calib, layer)
+    if layer != layer0:  # re-fit every free part at the new layer
+        gate, gate_ds = step_mars_gate(ctx, calib, layer, fixed)
         _set_gate(st, gate)
     gate_ds.attrs["layer_with_initial_gate"] = int(layer0)
     ds.attrs.update({f"{k}_fitted_on_safe_data": v for k, v in gate.items()})

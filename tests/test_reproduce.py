@@ -85,3 +85,43 @@ def test_organism_context_on_a_training_run_folder(tmp_path):
     assert set(shipped.checkpoints) == {"stage1", "stage2", "stage3", "stage4_extra"} and "offset" in shipped.variants
     with pytest.raises(InputError, match="not an organism training run"):
         rp.organism_context(tmp_path / "out", fresh=False, settings=st, log=lambda m: None, run_dir=tmp_path / "out")
+
+
+def test_gate_is_refitted_with_its_full_grids_when_the_layer_moves(tmp_path, monkeypatch):
+    """One layer/gate alternation: the second fit (after the layer moved) searches the same free
+    parts as the first, not just the values the first fit wrote into the settings."""
+    import xarray as xr
+
+    from analysis.cache import StepCache
+    from mars_core import gate as gate_mod
+    from mars_core.prompts import PromptSet
+
+    calls, layers = [], iter([1, 2])
+
+    def fake_layer(ctx, calib):
+        return next(layers), xr.Dataset(attrs={"selected_layer": 0})
+
+    def fake_gate(mm, calib, layer, safe, *, taus, gains, margins, **kw):
+        calls.append((layer, list(taus), list(gains), list(margins)))
+        g = {"tau": taus[min(layer, len(taus) - 1)], "gain": gains[-1], "margin": margins[0]}
+        return g, xr.Dataset(attrs={f"selected_{k}": v for k, v in g.items()})
+
+    monkeypatch.setattr(rp, "step_mars_layer", fake_layer)
+    monkeypatch.setattr(gate_mod, "select_mars_gate", fake_gate)
+    suite = {"harmless_text_train": PromptSet("harmless_text_train", ["a", "b"], harmful=False)}
+
+    def ctx_for(settings, name):
+        return rp.Context(None, "m", suite, {}, settings, StepCache(tmp_path / name, False), tmp_path, lambda m: None)
+
+    ctx = ctx_for(rp.Settings(), "free")
+    layer, ds, gate_ds = rp.step_mars_layer_and_gate(ctx, calib=None)
+    assert layer == 2 and [c[0] for c in calls] == [1, 2]
+    assert calls[0][1:] == calls[1][1:] and len(calls[1][1]) == 21 and calls[1][2] == [2.0, 4.0, 8.0, 16.0]
+    assert ctx.settings.mars_kwargs == {"tau": 0.1, "gain": 16.0, "margin": 0.0}  # the second fit's gate
+    assert gate_ds.attrs["layer_with_initial_gate"] == 1 and ds.attrs["tau_fitted_on_safe_data"] == 0.1
+    # a part the caller fixes stays fixed in both fits; the others are searched both times
+    calls.clear()
+    layers = iter([1, 2])
+    ctx = ctx_for(rp.Settings(mars_tau=0.3), "tau_fixed")
+    rp.step_mars_layer_and_gate(ctx, calib=None)
+    assert [c[1] for c in calls] == [[0.3], [0.3]] and calls[1][2] == [2.0, 4.0, 8.0, 16.0]
