@@ -40,21 +40,18 @@ def _settings(args):
 
 
 def _context(args):
-    from analysis.reproduce import hub_context, organism_context
+    from analysis.reproduce import hub_context
+
+    from .evaluate import model_context
 
     out = Path(args.out)
     mode = remote_from_args(args)  # checks the key and the model id before anything loads
-    if args.model in (None, "organism"):
+    if args.model is None or args.model.split(":")[0] == "organism":  # organism, organism:VARIANT|RUN_DIR
         if mode:
             raise InputError(f"mars {args.command} --remote needs a hub model id (--model org/name): the "
                              "organism pipeline runs locally (it also loads training checkpoints and variants "
                              "that NDIF does not host)")
-        return organism_context(out, fresh=args.fresh, settings=_settings(args), log=_log)
-    if args.model.startswith("organism:"):  # a training run folder of mars_core.organism.train
-        if mode:
-            raise InputError(f"mars {args.command} --remote needs a hub model id; organism runs are local")
-        return organism_context(out, fresh=args.fresh, settings=_settings(args), log=_log,
-                                run_dir=args.model.partition(":")[2])
+        return model_context(args.model, out, fresh=args.fresh, settings=_settings(args), log=_log)
     return hub_context(args.model, out, fresh=args.fresh, settings=_settings(args), log=_log, remote=mode,
                        dtype=args.dtype, device_map=args.device_map)
 
@@ -188,8 +185,9 @@ def _smoke(args: argparse.Namespace) -> int:
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="hub id or local directory, or organism:RUN_DIR (a training run of "
-                   "mars_core.organism.train); default: the built-in organism")
+    p.add_argument("--model", default=None,
+                   help="hub id or local directory, organism:VARIANT (offset, video) or organism:RUN_DIR "
+                        "(a training run of mars_core.organism.train); default: the built-in organism")
     add_remote_args(p)
     p.add_argument("--dtype", default=None, help="e.g. bfloat16 (hub models)")
     p.add_argument("--device-map", default=None, help='e.g. "auto" (hub models)')

@@ -184,10 +184,10 @@ def _check_modalities(mm: Any, recs: Mapping[str, list]) -> None:
 
 def model_context(model: Any, out: Path, *, fresh: bool, settings: Any, log: Callable[[str], None],
                   dtype: str | None = None, device_map: str | None = None, remote: bool | str = False):
-    """The `analysis.reproduce.Context` for "organism" (default) or "organism:VARIANT" (e.g.
-    "organism:video", the Video-LLaVA transplant; the organism's text suite either way), a hub
-    id / local directory, or a `MarsModel` in memory (with the typographic text suite, as for
-    hub models)."""
+    """The `analysis.reproduce.Context` for "organism" (default), "organism:VARIANT" (e.g.
+    "organism:video", the Video-LLaVA transplant) or "organism:RUN_DIR" (a training run of
+    `mars_core.organism.train`; the organism's text suite in all three), a hub id / local
+    directory, or a `MarsModel` in memory (with the typographic text suite, as for hub models)."""
     from analysis.cache import StepCache
     from analysis.reproduce import Context, _weights_hash, hub_context, organism_context
 
@@ -197,6 +197,8 @@ def model_context(model: Any, out: Path, *, fresh: bool, settings: Any, log: Cal
         variant = str(model).partition(":")[2] if model else ""
         if variant in ("", "natural"):
             return organism_context(out, fresh=fresh, settings=settings, log=log)
+        if Path(variant).is_dir():  # a training run folder
+            return organism_context(out, fresh=fresh, settings=settings, log=log, run_dir=variant)
         from analysis.suite import organism_suite
 
         from .model import load_model

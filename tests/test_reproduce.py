@@ -85,6 +85,15 @@ def test_organism_context_on_a_training_run_folder(tmp_path):
     assert set(shipped.checkpoints) == {"stage1", "stage2", "stage3", "stage4_extra"} and "offset" in shipped.variants
     with pytest.raises(InputError, match="not an organism training run"):
         rp.organism_context(tmp_path / "out", fresh=False, settings=st, log=lambda m: None, run_dir=tmp_path / "out")
+    # `--model organism:X` (mars reproduce / analyze / evaluate) resolves X the same way everywhere:
+    # a run folder, else a named variant
+    from mars_core.errors import ArtifactError
+    from mars_core.evaluate import model_context
+
+    via_cli = model_context(f"organism:{run}", tmp_path / "out3", fresh=False, settings=st, log=lambda m: None)
+    assert via_cli.model_key == ctx.model_key and set(via_cli.checkpoints) == {"stage1", "stage3"}
+    with pytest.raises(ArtifactError, match="no shipped organism variant 'nope'"):
+        model_context("organism:nope", tmp_path / "out4", fresh=False, settings=st, log=lambda m: None)
 
 
 def test_gate_is_refitted_with_its_full_grids_when_the_layer_moves(tmp_path, monkeypatch):

@@ -289,15 +289,11 @@ def package_mars_table(reproduce_dirs: list[Path], names: list[str]) -> str:
     """Per-seed rows of the package pipeline (`mars reproduce --model organism:RUN --out DIR`):
     MARS's selected layer and fitted gate, then unsteered vs MARS rates with their bootstrap CIs,
     read from DIR/data/{mars_layer_selection,comparison}.nc."""
-    import xarray as xr
+    from analysis.io import load_dataset
 
     head = "| Measure | " + " | ".join(names) + " |\n|---|" + "---|" * len(names)
-    sel, cmp = [], []
-    for d in reproduce_dirs:
-        with xr.open_dataset(Path(d) / "data" / "mars_layer_selection.nc") as ds:
-            sel.append(dict(ds.attrs))
-        with xr.open_dataset(Path(d) / "data" / "comparison.nc") as ds:
-            cmp.append(ds.load())
+    sel = [load_dataset(Path(d) / "data" / "mars_layer_selection.nc").attrs for d in reproduce_dirs]
+    cmp = [load_dataset(Path(d) / "data" / "comparison.nc") for d in reproduce_dirs]
     rows = ["| MARS layer (`select_mars_layer`) | " + " | ".join(str(int(a["selected_layer"])) for a in sel) + " |",
             "| gate tau / gain / margin (`select_mars_gate`, safe data) | " + " | ".join(
                 f"{a['tau_fitted_on_safe_data']:.2f} / {a['gain_fitted_on_safe_data']:g} / "
