@@ -27,7 +27,7 @@ from typing import Any, Callable
 from mars_core.provenance import atomic_write_json, atomic_write_text
 
 from .cache import StepCache
-from .io import load_dataset, save_dataset
+from mars_core.datasets import load_dataset, save_dataset
 
 
 @dataclass
@@ -44,7 +44,7 @@ class Settings:
     actadd_coeff: float = 1.0
     n_boot: int = 1000
     # MARS gate: threshold tau (units of the text centroid gap), gain and trust-region margin.
-    # None: fitted on safe data (`mars_core.gate.select_mars_gate`: the most permissive gate,
+    # None: fitted on safe data (`mars_core.steering.gate.select_mars_gate`: the most permissive gate,
     # smallest tau, then largest gain, then largest margin, on the grids below, adding
     # <= `mars_max_increase` first-token refusals to harmless text, harmless image requests and
     # caption prompts of the calibration split). The layer is chosen with the `*_init` gate, the
@@ -170,7 +170,7 @@ def step_mars_layer(ctx: Context, calib) -> tuple[int, Any]:
         {"model": ctx.model_key, "harm": harm.sha256, "neutral": neu.sha256, "mars": ctx.settings.mars_kwargs},
         lambda: select_mars_layer(
             ctx.mm, calib, harm.texts,
-            neutral={"image": {"texts": neu.texts, "images": neu.images}},
+            neutral={"image": neu},
             batch_size=ctx.settings.batch_size, mars_kwargs=ctx.settings.mars_kwargs,
         )[1],
         save_dataset, load_dataset, "nc",
@@ -185,9 +185,9 @@ def _gate_fixed_parts(st: Settings) -> dict:
 
 def step_mars_gate(ctx: Context, calib, layer: int, fixed: dict | None = None):
     """MARS's gate (tau, gain, margin) at `layer`, fitted on the suite's safe calibration sets
-    only (`mars_core.gate.select_mars_gate`); a part `fixed` gives (default: the settings' fixed
+    only (`mars_core.steering.gate.select_mars_gate`); a part `fixed` gives (default: the settings' fixed
     parts, `_gate_fixed_parts`) keeps its value."""
-    from mars_core.gate import DEFAULT_TAUS, select_mars_gate
+    from mars_core.steering.gate import DEFAULT_TAUS, select_mars_gate
 
     names = [n for n in ("harmless_text_train", "harmless_image_cal", "captions_cal") if n in ctx.suite]
     safe = {n: _cap(ctx, n) for n in names}
@@ -494,12 +494,12 @@ def hub_context(model_id: str, out: Path, *, fresh: bool, settings: Settings, lo
                 dtype: str | None = None, device_map: str | None = None) -> Context:
     """A hub model (or local directory) with the data-free typographic suite."""
     from mars_core.model import load_model
-    from mars_core.steering import image_side
+    from mars_core.steering import media_side
 
     from .suite import typographic_suite
 
     mm = load_model(model_id, dtype=dtype, device_map=device_map, remote=remote)
-    suite = typographic_suite(settings.seed, image_size=image_side(mm))
+    suite = typographic_suite(settings.seed, image_size=media_side(mm, default=224))
     return Context(mm, f"{model_id}:{mm.config_hash}", suite, {}, settings, StepCache(out / ".mars_cache", fresh),
                    out, log)
 

@@ -3,8 +3,11 @@
 Entry points: `load_model` (any supported transformers model under nnsight),
 `collect_activations` (streaming residual-stream capture), `RefusalDirections` (text
 difference-of-means directions), scoring and judges, `select_direction`, and the family
-registry (`Family`, `register_family`, `families`); steering: `MARS`, `ActAdd`,
-`DirectionalAblation`, `AutoSteer`, `MarsCalibration`, `select_mars_layer`.
+registry (`Family`, `register_family`, `families`); steering: `MARS` (`MARS.fit`, `save`,
+`load`), `ActAdd`, `DirectionalAblation`, `AutoSteer`, `MarsCalibration`, `neutral_calibration`,
+`fit_mars`, `select_mars_layer`, `select_mars_gate`.
+
+The core never imports the study pipeline (`analysis`: analyses, figures, `mars` CLI).
 """
 
 from ._version import __version__
@@ -36,6 +39,9 @@ from .steering import (
     NoSteer,
     Steerer,
     calibrate_mars,
+    fit_mars,
+    neutral_calibration,
+    select_mars_gate,
     select_mars_layer,
 )
 from .autosteer import AutoSteer
@@ -72,6 +78,9 @@ __all__ = [
     "NoSteer",
     "Steerer",
     "calibrate_mars",
+    "fit_mars",
+    "neutral_calibration",
+    "select_mars_gate",
     "select_mars_layer",
     "AutoSteer",
 ]

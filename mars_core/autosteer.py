@@ -37,7 +37,8 @@ import torch
 
 from .errors import InputError
 from .provenance import make_provenance, sha256_text
-from .steering import Steerer, _add, _check_steps, _layers_of, _unit
+from .steering.base import Steerer, check_steps, edit_last, layers_of
+from .steering.operator import unit_direction
 
 
 # ============================================================================ SAS
@@ -148,7 +149,7 @@ class AutoSteer(Steerer):
     def __init__(self, prober: Prober, probe_layer: int, direction: torch.Tensor, beta: float, *,
                  head_layer: int | None = None, threshold: float = 0.5, scope: str = "first",
                  layers_path: str | None = None):
-        _check_steps(scope, 1)
+        check_steps(scope, 1)
         self.prober = prober
         self.probe_layer = int(probe_layer)
         self.head_layer = self.probe_layer if head_layer is None else int(head_layer)
@@ -157,7 +158,7 @@ class AutoSteer(Steerer):
                 f"head_layer {self.head_layer} is before probe_layer {self.probe_layer}: the head can only act "
                 "after the prober has read its layer (nnsight edits run in forward order)"
             )
-        self.r = _unit(direction)
+        self.r = unit_direction(direction)
         if self.r.numel() != prober.d_model:
             raise InputError(f"direction has {self.r.numel()} dims, the prober {prober.d_model}")
         self.beta = float(beta)
@@ -167,20 +168,35 @@ class AutoSteer(Steerer):
         self.sas = None  # xarray Dataset when built by fit
         self.metrics: dict[str, float] = {}
 
+    def layers_used(self):
+        return (self.probe_layer, self.head_layer)
+
+    def vector_size(self):
+        return int(self.r.numel())
+
+    def _fingerprint_parts(self):
+        p = self.prober
+        return {**Steerer._fingerprint_parts(self), "prober": (p.mean, p.std, p.w1, p.b1, p.w2, p.b2),
+                "layers": (self.probe_layer, self.head_layer), "r": self.r, "beta": self.beta,
+                "threshold": self.threshold}
+
     def step(self, mm, batch=None, *, record=None):
-        layers = _layers_of(mm, self.layers_path)
-        x = layers[self.probe_layer].output[:, -1]
-        p = self.prober.prob(x)
-        gate = p > self.threshold
-        alpha = gate.to(torch.float64) * self.beta
-        xh = x if self.head_layer == self.probe_layer else layers[self.head_layer].output[:, -1]
-        layers[self.head_layer].output[:, -1] = _add(xh, alpha[:, None] * self.r.to(xh.device)[None, :])
-        if record is not None:
-            if "alpha" not in record:
-                record["alpha"] = alpha.cpu()
-                record["p_harm"] = p.cpu()
-                record["gate"] = gate.cpu()
-            record.setdefault("alpha_steps", []).append(alpha.cpu())
+        layers = layers_of(mm, self.layers_path)
+        got: dict[str, torch.Tensor] = {}
+
+        def probe(x):
+            p = self.prober.prob(x)
+            gate = p > self.threshold
+            got.update(alpha=gate.to(torch.float64) * self.beta, p_harm=p, gate=gate)
+
+        def head(x):
+            if not got:  # head at the probe layer: the prober reads this same activation
+                probe(x)
+            return got["alpha"][:, None] * self.r.to(x.device)[None, :], dict(got)
+
+        if self.head_layer != self.probe_layer:
+            probe(layers[self.probe_layer].output[:, -1])
+        edit_last(layers, self.head_layer, head, record)
 
     # -- fitting -------------------------------------------------------------------------------
     @classmethod

@@ -66,7 +66,7 @@ def _reproduce(args, figures: bool = True) -> int:
 
 
 def _figures(args) -> int:
-    from analysis.io import load_dataset
+    from mars_core.datasets import load_dataset
     from analysis.reproduce import write_figures
 
     data = Path(args.out) / "data"

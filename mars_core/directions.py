@@ -284,6 +284,16 @@ class RefusalDirections:
         """||mean_diff|| per (layer, pos): [L, P] float64."""
         return self.mean_diff.norm(dim=-1)
 
+    @property
+    def fingerprint(self) -> str:
+        """Content hash of the centroids, layers, positions, counts and model shape (not the
+        provenance): equal directions have equal fingerprints."""
+        from .provenance import fingerprint
+
+        return fingerprint({"harmful_mean": self.harmful_mean, "harmless_mean": self.harmless_mean,
+                            "layers": self.layers, "positions": self.positions,
+                            "n": (self.n_harmful, self.n_harmless), "shape": (self.n_layers, self.d_model)})
+
     def to_xarray(self):
         """All tensors as a labeled xarray.Dataset (dims layer, pos, d_model); attrs provenance."""
         import xarray as xr

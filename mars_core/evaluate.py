@@ -217,9 +217,9 @@ def model_context(model: Any, out: Path, *, fresh: bool, settings: Any, log: Cal
         raise InputError("remote evaluation needs a hub model id (model='org/name'), not a model in memory")
     from analysis.suite import typographic_suite
 
-    from .steering import image_side
+    from .steering import media_side
 
-    suite = typographic_suite(settings.seed, image_size=image_side(model))
+    suite = typographic_suite(settings.seed, image_size=media_side(model, default=224))
     # weights in the key too: two models in memory can share an id and a config
     return Context(model, f"{model.model_id}:{model.config_hash}:{_weights_hash(model)}", suite, {}, settings,
                    StepCache(out / ".mars_cache", fresh), out, log)
@@ -253,7 +253,7 @@ class _Methods:
 def _with_video_offsets(ctx: Any, dirs: Any, calib: Any, requests: Sequence[str] | None) -> Any:
     """`calib` plus a video offset from 8 neutral videos (blank / noise, 4 frames) with benign
     `requests` (None: `NEUTRAL_REQUESTS["video"]`, as `calibrate_mars`), cached."""
-    from .benchmarks.neutral import neutral_sets
+    from .steering.neutral import neutral_sets
     from .steering import MarsCalibration, neutral_calibration
 
     def compute():
@@ -362,7 +362,7 @@ def evaluate(
     context fits at most 6). Writes OUT/data/evaluate.nc and OUT/figures/evaluate.md.
     """
     from analysis.cache import StepCache
-    from analysis.io import save_dataset
+    from mars_core.datasets import save_dataset
     from analysis.reproduce import Settings
     from tqdm.auto import tqdm
 

@@ -1,6 +1,6 @@
 """The Dataset and Markdown table of `mars evaluate` (`mars_core.evaluate`).
 
-Dataset (analysis "evaluate"; saved with `analysis.io` as OUT/data/evaluate.nc):
+Dataset (analysis "evaluate"; saved with `mars_core.datasets` as OUT/data/evaluate.nc):
 
 - dims `method`, `benchmark`, `prompt` (the record's position in its benchmark; benchmarks
   shorter than the longest are padded: `prompt_id == ""`, every value NaN / "").

@@ -198,7 +198,8 @@ class MarsModel:
             videos = [_check_video(v, i) for i, v in enumerate(_check_media(videos, texts, "videos"))]
 
         rendered = [self.render(t, media) for t in texts]
-        n_post = {self._count_post_tokens(r, t) for r, t in zip(rendered, texts)}
+        suffix = self.template_suffix(media)
+        n_post = {self._count_post_tokens(r, suffix) for r in rendered}
         if len(n_post) != 1:
             raise MarsError(
                 f"post-instruction token counts differ across prompts ({sorted(n_post)}); the chat "
@@ -252,15 +253,33 @@ class MarsModel:
             rendered=rendered,
         )
 
-    def _count_post_tokens(self, rendered: str, text: str) -> int:
-        """Number of tokens that start at or after the end of the user text in `rendered`."""
-        end = rendered.rfind(text)
-        if end < 0:
-            raise MarsError(f"the chat template changed the user text {text[:40]!r}; cannot locate it")
-        end += len(text)
+    def template_suffix(self, media: str | None = None) -> str:
+        """The chat template's text after the user turn (with the generation prompt), found from the
+        template's structure: what follows a sentinel user text. Cached per media kind."""
+        cache = self.__dict__.setdefault("_suffix_cache", {})
+        if media not in cache:
+            r = self.render(_SENTINEL, media)
+            i = r.rfind(_SENTINEL)
+            if i < 0:
+                raise MarsError(f"{self.model_id}: the chat template drops or rewrites the user text; cannot find "
+                                "where the user turn ends (post-instruction positions)")
+            cache[media] = r[i + len(_SENTINEL):]
+        return cache[media]
+
+    def _count_post_tokens(self, rendered: str, suffix: str) -> int:
+        """Number of tokens that start at or after the template suffix in `rendered`."""
+        if not rendered.endswith(suffix):
+            raise MarsError(
+                f"{self.model_id}: the chat template's text after the user turn changes with the user text "
+                f"(expected the prompt to end with {suffix!r}); post-instruction positions are undefined for it")
+        end = len(rendered) - len(suffix)
         enc = self.tokenizer(rendered, add_special_tokens=False, return_offsets_mapping=True)
         starts = [s for s, e in enc["offset_mapping"] if e > s or s > 0]
         return sum(1 for s in starts if s >= end)
+
+
+_SENTINEL = "Xq7MARSUSERTEXTq7X"
+"""A user text no template alters, used to find where the user turn ends (`template_suffix`)."""
 
 
 # -- loading ---------------------------------------------------------------------------

@@ -99,8 +99,30 @@ class PromptSet:
                     h.update(_media_bytes(media[i]))
         return h.hexdigest()[:16]
 
+    @property
+    def fingerprint(self) -> str:
+        """Content hash of everything a computation can read from the set: texts, media pixels,
+        the harmful label and `meta` (not the name)."""
+        from .provenance import fingerprint
+
+        return fingerprint({"sha256": self.sha256, "harmful": self.harmful, "modality": self.modality,
+                            "meta": _meta_for_hash(self.meta)})
+
     def provenance(self) -> dict[str, Any]:
         return {f"{self.name}_sha256": self.sha256, f"{self.name}_n": len(self)}
+
+
+def _meta_for_hash(meta: dict) -> Any:
+    """`meta` with values the fingerprint cannot hash (e.g. arbitrary objects) replaced by their repr."""
+    import json
+
+    try:
+        from .provenance import fingerprint
+
+        fingerprint(meta)
+        return meta
+    except TypeError:
+        return json.dumps(meta, sort_keys=True, default=repr)
 
 
 def _media_bytes(m: Any) -> bytes:

@@ -35,6 +35,48 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:16]
 
 
+def fingerprint(obj: Any) -> str:
+    """Content hash (hex, 16 chars) of nested data, for cache keys: str / int / float / bool /
+    None, lists and tuples (ordered), dicts (by sorted key), torch tensors and numpy arrays (dtype,
+    shape and bytes), and any object with a `fingerprint` attribute (its own hash). Equal content
+    gives an equal hash; anything else raises TypeError (so nothing unhashed slips into a key)."""
+    h = hashlib.sha256()
+    _feed(h, obj)
+    return h.hexdigest()[:16]
+
+
+def _feed(h: Any, obj: Any) -> None:
+    import numpy as np
+
+    fp = getattr(obj, "fingerprint", None)
+    if fp is not None and not isinstance(obj, type):
+        h.update(b"F" + str(fp).encode())
+    elif obj is None or isinstance(obj, (bool, int, float, str)):
+        h.update(b"P" + type(obj).__name__.encode() + b":" + repr(obj).encode() + b";")
+    elif isinstance(obj, (list, tuple)):
+        h.update(b"L%d[" % len(obj))
+        for x in obj:
+            _feed(h, x)
+        h.update(b"]")
+    elif isinstance(obj, dict):
+        h.update(b"D%d{" % len(obj))
+        for k in sorted(obj, key=str):
+            _feed(h, str(k))
+            _feed(h, obj[k])
+        h.update(b"}")
+    elif type(obj).__module__.startswith("torch") and hasattr(obj, "detach"):
+        import torch
+
+        t = obj.detach().cpu().contiguous()
+        h.update(b"T" + str(t.dtype).encode() + str(tuple(t.shape)).encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    elif isinstance(obj, (np.ndarray, np.generic)):
+        a = np.ascontiguousarray(obj)
+        h.update(b"A" + a.dtype.str.encode() + str(a.shape).encode() + a.tobytes())
+    else:
+        raise TypeError(f"cannot fingerprint a {type(obj).__name__}; give it a `fingerprint` attribute")
+
+
 def config_hash(config: Any) -> str:
     """Stable hash of a transformers config (its JSON diff-free dict), hex, 16 chars."""
     d = config.to_dict() if hasattr(config, "to_dict") else dict(config)

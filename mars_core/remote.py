@@ -175,10 +175,19 @@ def configure(remote: Any = True, *, environ: Mapping[str, str] | None = None) -
 
         # In memory only: CONFIG.save()/set_default_api_key() would write config.yaml.
         CONFIG.API.APIKEY = key.reveal()
-    from .steering import register_remote
-
     register_remote()
     return mode
+
+
+def register_remote() -> None:
+    """Register `mars_core` with nnsight so remote requests carry its code by value.
+
+    NDIF servers do not have this package; `nnsight.register(mars_core)` makes every request
+    that references a steerer ship the package's classes and functions as source. Idempotent.
+    """
+    import mars_core
+
+    nnsight.register(mars_core)
 
 
 # ============================================================================ model-wide default

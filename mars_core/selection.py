@@ -22,7 +22,8 @@ bypass_score among those passing all filters (first in (layer, pos) order on tie
 passes, the lowest bypass_score among pass_layer candidates is chosen, attrs["fallback"] says so
 and a warning is raised.
 
-All edits are nnsight edits inside one trace per batch (`ablate_direction`, `add_vector`).
+All edits are nnsight edits inside one trace per batch (`mars_core.steering.baselines.ablate_direction`,
+`add_vector`).
 """
 
 from __future__ import annotations
@@ -36,61 +37,7 @@ import torch
 from .errors import InputError
 from .provenance import make_provenance, sha256_text
 from .scoring import kl_divergence, last_logits, first_token_refusal_score, refusal_token_ids
-
-
-# ---------------------------------------------------------------------- nnsight edit helpers
-def _work_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.promote_types(x.dtype, torch.float32)
-
-
-def project_out(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-    """x - (x . r̂) r̂ for x [..., d_model], r [d_model] (normalised here); computed in at least
-    float32 and returned in x's dtype."""
-    wd = _work_dtype(x)
-    rr = r.detach().to(torch.float64)
-    rr = (rr / rr.norm()).to(device=x.device, dtype=wd)
-    xf = x.to(wd)
-    return (xf - (xf @ rr).unsqueeze(-1) * rr).to(x.dtype)
-
-
-def ablate_direction(mm: Any, r: torch.Tensor, include_embeddings: bool = True) -> dict[str, Any]:
-    """Call INSIDE an nnsight trace: remove the component along r (d_model, any norm) from the
-    input of layer 0 (if include_embeddings) and from the output of every decoder layer, at all
-    positions. Touches layers in forward order, so other edits must come after it or be folded in.
-
-    Returns {"input": the edited layer-0 input or None, "outputs": [edited output of each layer]}
-    (live values inside the trace; wrap in `nnsight.save` to keep them after the block).
-    """
-    if float(r.norm()) == 0:
-        raise InputError("Cannot ablate a zero direction.")
-    n = len(mm.layers)
-    x_in = None
-    if include_embeddings:
-        x0 = mm.layers[0].input
-        mm.layers[0].input = project_out(x0, r)
-        x_in = mm.layers[0].input
-    outs = []
-    for l in range(n):
-        out = mm.layers[l].output
-        mm.layers[l].output[:] = project_out(out, r)
-        outs.append(mm.layers[l].output)
-    return {"input": x_in, "outputs": outs}
-
-
-def add_vector(
-    mm: Any, v: torch.Tensor, layer: int, positions: Literal["all", "last"] = "all", coeff: float = 1.0
-) -> None:
-    """Call INSIDE an nnsight trace: add coeff * v (v [d_model]) to the output of decoder layer
-    `layer`, at every position ("all") or at the last prompt column only ("last")."""
-    out = mm.layers[layer].output
-    wd = _work_dtype(out)
-    vv = (float(coeff) * v.detach().to(torch.float64)).to(device=out.device, dtype=wd)
-    if positions == "all":
-        mm.layers[layer].output[:] = (out.to(wd) + vv).to(out.dtype)
-    elif positions == "last":
-        mm.layers[layer].output[:, -1] = (out[:, -1].to(wd) + vv).to(out.dtype)
-    else:
-        raise InputError(f"positions must be 'all' or 'last', got {positions!r}.")
+from .steering.baselines import ablate_direction, add_vector
 
 
 # ---------------------------------------------------------------------- selection
@@ -224,10 +171,10 @@ def select_direction(
                 continue
 
             def abl(m, r=r):
-                ablate_direction(m, r, include_embeddings=include_embeddings)
+                ablate_direction(m.layers, r, include_embeddings=include_embeddings)
 
             def ind(m, v=v, l=l):
-                add_vector(m, v, l, positions=induce_positions, coeff=induce_coeff)
+                add_vector(m.layers, v, l, positions=induce_positions, coeff=induce_coeff)
 
             s_h, _ = scores(hb, abl)
             _, lg_s = scores(sb, abl)

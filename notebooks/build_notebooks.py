@@ -35,7 +35,7 @@ import numpy as np
 
 from mars_core import load_model, RefusalDirections
 from mars_core.organism import load_organism
-from mars_core.steering import MARS, ActAdd, NoSteer, select_mars_layer
+from mars_core.steering import MARS, ActAdd, NoSteer
 from analysis.suite import organism_suite
 from mars_core.steering import neutral_calibration
 
@@ -88,23 +88,22 @@ fig.tight_layout()
     md("""
 ## 3. Steering image requests
 MARS needs the modality offset, measured on *neutral* inputs only (benign requests with blank,
-solid-colour and noise images), picks its layer from text plus neutral images, and fits its
-gate (threshold, gain, trust-region margin) on *safe* prompts only: the most permissive gate
-that adds at most 5 points of first-token refusal to harmless text, harmless image requests
-and caption prompts.
+solid-colour and noise images). `MARS.fit` then picks its layer from harmful *text* plus
+neutral images, and fits its gate (threshold, gain, trust-region margin) on *safe* prompts
+only: the most permissive gate that adds at most 5 points of first-token refusal to harmless
+text, harmless image requests and caption prompts. The fitted operator saves as one folder.
 """),
     code("""
 calib = neutral_calibration(mm, dirs, suite["neutral_text"], {"image": suite["neutral_image"]})
-neutral = {"image": {"texts": suite["neutral_image"].texts, "images": suite["neutral_image"].images}}
-layer, selection = select_mars_layer(mm, calib, suite["harmful_text"].texts[:32], neutral=neutral)
-print("MARS layer:", layer)
-from mars_core.gate import select_mars_gate
-
 safe = {n: suite[n] for n in ("harmless_text_train", "harmless_image_cal", "captions_cal")}
-gate, gate_ds = select_mars_gate(mm, calib, layer, safe)
-print("gate fitted on safe data:", gate)
+mars = MARS.fit(mm, calib, suite["harmful_text"].texts[:32], safe, neutral={"image": suite["neutral_image"]})
+print(mars)
+print("layer with the initial gate:", mars.fit_info["layer_with_initial_gate"], "-> fitted:", mars.layer, mars.gate)
+mars.save("mars_organism")                       # mars.json + calibration.safetensors + selection datasets
+mars = MARS.load("mars_organism", model=mm)      # the same operator, bit for bit
+layer = mars.layer
 
-methods = {"none": NoSteer(), "actadd": ActAdd.from_directions(dirs, layer, 1.0), "mars": MARS(calib, layer, **gate)}
+methods = {"none": NoSteer(), "actadd": ActAdd.from_directions(dirs, layer, 1.0), "mars": mars}
 h = suite["harmful_image"].subset(range(0, 96, 24)); s = suite["harmless_image"].subset(range(0, 96, 24))
 for name, st in methods.items():
     gh = st.generate(mm, h.texts, images=h.images, max_new_tokens=8)
@@ -119,7 +118,6 @@ record the per-row strength it applied.
     code("""
 import nnsight
 
-mars = MARS(calib, layer, **gate)
 batch = mm.build_batch(h.texts, images=h.images)
 with torch.no_grad():
     with mm.nn.generate(max_new_tokens=8, do_sample=False) as tracer:
@@ -149,7 +147,7 @@ torch.set_num_threads(2)
 from IPython.display import Image, Markdown, display
 
 from analysis.reproduce import Settings, organism_context, run
-from analysis.io import load_dataset
+from mars_core.datasets import load_dataset
 
 OUT = Path(os.environ.get("MARS_NOTEBOOK_OUT", Path(tempfile.gettempdir()) / "mars_findings"))
 ctx = organism_context(OUT, fresh=False, settings=Settings.quick(), log=lambda m: None)
@@ -207,17 +205,19 @@ import os
 assert "NDIF_API_KEY" in os.environ, "export NDIF_API_KEY first"
 
 from mars_core import load_model, RefusalDirections
-from mars_core.steering import MARS, image_side, neutral_calibration
+from mars_core.steering import MARS, media_side, neutral_calibration
 from analysis.suite import typographic_suite
 
 MODEL = "llava-hf/llava-1.5-7b-hf"   # a supported family that NDIF hosts (see nnsight.status())
 mm = load_model(MODEL, remote=True)  # meta weights locally; every trace runs on NDIF
-suite = typographic_suite(seed=0, image_size=image_side(mm))
+suite = typographic_suite(seed=0, image_size=media_side(mm, default=224))
 """),
     code("""
 dirs = RefusalDirections.extract(mm, suite["harmful_text_train"].texts[:64], suite["harmless_text_train"].texts[:64])
 calib = neutral_calibration(mm, dirs, suite["neutral_text"], {"image": suite["neutral_image"]})
-mars = MARS(calib, layer=14)
+safe = {n: suite[n] for n in ("harmless_text_train", "harmless_image_cal", "captions")}
+mars = MARS.fit(mm, calib, suite["harmful_text"].texts, safe, neutral={"image": suite["neutral_image"]})
+mars.save("runs/llava15_mars")   # reuse with MARS.load("runs/llava15_mars", model=mm) or `mars steer --mars`
 h = suite["harmful_image"].subset(range(4))
 print(mars.generate(mm, h.texts, images=h.images, max_new_tokens=32))
 """),

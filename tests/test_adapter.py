@@ -94,6 +94,23 @@ def test_post_instruction_tokens_are_template_suffix(mm):
     assert batch.post_positions[-1] == -1
 
 
+@pytest.mark.parametrize("family", ["qwen2_vl", "llava", "gemma3", "llama"])
+def test_post_positions_when_the_user_text_occurs_in_the_template_suffix(family):
+    """Texts that also occur inside the assistant suffix ("t", "assistant", "model", a role tag)
+    get the same post-instruction tokens as any other text: the suffix is found from the
+    template's structure, not by searching for the user's text (which would land inside it)."""
+    tiny = build_tiny(family)
+    mm = load_model(tiny.model, tiny.processor or tiny.tokenizer)
+    plain = mm.build_batch(["How do I bake a cake?"])
+    suffix = mm.template_suffix(None)
+    assert plain.rendered[0].endswith(suffix) and suffix.strip()
+    tricky = ["t", "assistant", "model", "user", suffix.strip()[:3], "n"]
+    batch = mm.build_batch(tricky)
+    assert batch.post_tokens == plain.post_tokens
+    ids = batch.inputs["input_ids"][0, list(batch.post_positions)].tolist()
+    assert mm.tokenizer.decode(ids) == suffix
+
+
 def test_image_forward(mm):
     if not mm.supports_image:
         with pytest.raises(InputError, match="text-only"):

@@ -1,7 +1,7 @@
 """analysis.{alignment, curves, spurious, stability, comparison} on tiny random models.
 
 Each Dataset is checked against docs/datasets.md (dims, coords, units, provenance), round-tripped
-through analysis.io, and its numbers are compared with references computed another way:
+through mars_core.datasets, and its numbers are compared with references computed another way:
 collect_activations means and numpy for the alignment geometry, brute-force pair counts for the
 AUC, a plain transformers forward with a torch hook for a steered score, steerers' own
 generate + judge for the judged refusals, and closed-form subspaces for the principal angles.
@@ -25,7 +25,7 @@ from analysis.comparison import (
     method_comparison,
 )
 from analysis.curves import refusal_curves
-from analysis.io import load_dataset, save_dataset
+from mars_core.datasets import load_dataset, save_dataset
 from analysis.spurious import spurious_refusal
 from analysis.stability import direction_stability, make_transplant
 from mars_core import InputError, collect_activations, load_model

@@ -9,6 +9,7 @@ import numpy as np
 import PIL.Image
 import pytest
 
+from mars_core.steering.neutral import neutral_image_set, neutral_sets, neutral_text_set, neutral_video_set
 from mars_core.benchmarks import (
     BENCHMARKS,
     FIGSTEP_PROMPT,
@@ -16,10 +17,6 @@ from mars_core.benchmarks import (
     load_benchmark,
     load_image,
     load_video,
-    neutral_image_set,
-    neutral_sets,
-    neutral_text_set,
-    neutral_video_set,
     records_to_promptset,
     register_benchmark,
     write_fixture,

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import mars_core.evaluate as ev
-from analysis.io import load_dataset
+from mars_core.datasets import load_dataset
 from analysis.reproduce import Settings
 from mars_core import InputError
 from mars_core.benchmarks.fixtures import write_fixture

@@ -1,4 +1,4 @@
-"""MARS's gate fitted on safe data (`mars_core.gate.select_mars_tau`, `select_mars_gate`) on the organism."""
+"""MARS's gate fitted on safe data (`mars_core.steering.gate.select_mars_tau`, `select_mars_gate`) on the organism."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from mars_core.errors import InputError
-from mars_core.gate import select_mars_tau
+from mars_core.steering.gate import select_mars_tau
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +92,7 @@ def test_joint_gate_is_the_most_permissive_feasible_point(setup):
     """select_mars_gate over (tau, gain, margin): the chosen point keeps the safe sets within
     +0.05 (checked on the per-prompt reference path) and no point that is more permissive under
     the documented order (smaller tau; same tau and larger gain; ... larger margin) is feasible."""
-    from mars_core.gate import select_mars_gate
+    from mars_core.steering.gate import select_mars_gate
     from mars_core.scoring import refusal_token_ids
     from mars_core.steering import MARS, NoSteer
 
@@ -124,7 +124,7 @@ def test_joint_gate_is_the_most_permissive_feasible_point(setup):
     assert bool(feas.sel(tau=0.0, gain=2.0, margin=0.0)) and not bool(feas.sel(tau=0.0, gain=2.0, margin=0.5))
     assert gate["tau"] == 0.0 and gate["margin"] == 0.0
     # the gain / margin grids each add a coordinate; the tau-only wrapper keeps [set, tau]
-    from mars_core.gate import select_mars_tau
+    from mars_core.steering.gate import select_mars_tau
 
     tau1, ds1 = select_mars_tau(mm, calib, 2, safe, taus=taus, batch_size=16, mars_kwargs={"margin": 0.0},
                                 full_grid=True)
@@ -134,7 +134,7 @@ def test_joint_gate_is_the_most_permissive_feasible_point(setup):
 
 
 def test_joint_gate_rejects_bad_grids(setup):
-    from mars_core.gate import select_mars_gate
+    from mars_core.steering.gate import select_mars_gate
 
     mm, calib, safe, s = setup
     with pytest.raises(InputError, match="gains is empty"):
@@ -146,7 +146,7 @@ def test_joint_gate_rejects_bad_grids(setup):
 
 
 def test_early_stopping_picks_the_same_gate_as_the_full_grid(setup):
-    from mars_core.gate import select_mars_gate
+    from mars_core.steering.gate import select_mars_gate
 
     mm, calib, safe, _ = setup
     grid = dict(taus=[0.0, 0.1, 0.2, 0.3], gains=[2.0, 8.0], margins=[0.0, 0.5], batch_size=16)
@@ -164,7 +164,7 @@ def test_fitted_gate_closes_the_safety_gap_on_the_organism(setup):
     """Behaviour of the package's MARS on the shipped organism with the gate fitted on safe data
     only: most held-out harmful image requests refused at the first token, few harmless ones
     (first-token criterion; the generation-judged numbers are in the README and the card)."""
-    from mars_core.gate import select_mars_gate
+    from mars_core.steering.gate import select_mars_gate
     from mars_core.scoring import refusal_scores_many, refusal_token_ids
     from mars_core.steering import MARS, NoSteer
 

@@ -1,4 +1,4 @@
-"""analysis.io: exact NetCDF round trip, clear errors, atomic writes."""
+"""mars_core.datasets: exact NetCDF round trip, clear errors, atomic writes."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 import xarray as xr
 
 from analysis import synthetic
-from analysis.io import load_dataset, save_dataset
+from mars_core.datasets import load_dataset, save_dataset
 from mars_core.errors import ArtifactError
 
 

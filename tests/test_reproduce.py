@@ -5,7 +5,7 @@ import json
 import pytest
 
 import analysis.reproduce as rp
-from analysis.io import load_dataset
+from mars_core.datasets import load_dataset
 
 
 @pytest.mark.slow
@@ -96,41 +96,49 @@ def test_organism_context_on_a_training_run_folder(tmp_path):
         model_context("organism:nope", tmp_path / "out4", fresh=False, settings=st, log=lambda m: None)
 
 
-def test_gate_is_refitted_with_its_full_grids_when_the_layer_moves(tmp_path, monkeypatch):
-    """One layer/gate alternation: the second fit (after the layer moved) searches the same free
-    parts as the first, not just the values the first fit wrote into the settings."""
+def test_gate_is_refitted_with_its_full_grids_when_the_layer_moves(monkeypatch):
+    """One layer/gate alternation (`fit_mars`): the second fit (after the layer moved) searches the
+    same free parts as the first, not just the values the first fit chose."""
     import xarray as xr
 
-    from analysis.cache import StepCache
-    from mars_core import gate as gate_mod
+    import mars_core.steering.fit as fit_mod
     from mars_core.prompts import PromptSet
+    from mars_core.steering.gate import DEFAULT_GAINS, DEFAULT_TAUS
 
-    calls, layers = [], iter([1, 2])
+    calls, layers, layer_gates = [], iter([1, 2]), []
 
-    def fake_layer(ctx, calib):
-        return next(layers), xr.Dataset(attrs={"selected_layer": 0})
+    def fake_layer(mm, calib, harmful, *, mars_kwargs, **kw):
+        layer_gates.append(dict(mars_kwargs))
+        return next(layers), xr.Dataset(attrs={"selected_layer": 0, "fallback": ""})
 
     def fake_gate(mm, calib, layer, safe, *, taus, gains, margins, **kw):
         calls.append((layer, list(taus), list(gains), list(margins)))
         g = {"tau": taus[min(layer, len(taus) - 1)], "gain": gains[-1], "margin": margins[0]}
         return g, xr.Dataset(attrs={f"selected_{k}": v for k, v in g.items()})
 
-    monkeypatch.setattr(rp, "step_mars_layer", fake_layer)
-    monkeypatch.setattr(gate_mod, "select_mars_gate", fake_gate)
-    suite = {"harmless_text_train": PromptSet("harmless_text_train", ["a", "b"], harmful=False)}
+    class Calib:  # what MARS(...) reads from a calibration, at any layer
+        layers, n_layers, layers_path = (0, 1, 2), 3, None
 
-    def ctx_for(settings, name):
-        return rp.Context(None, "m", suite, {}, settings, StepCache(tmp_path / name, False), tmp_path, lambda m: None)
+        def index(self, layer):
+            return int(layer)
 
-    ctx = ctx_for(rp.Settings(), "free")
-    layer, ds, gate_ds = rp.step_mars_layer_and_gate(ctx, calib=None)
-    assert layer == 2 and [c[0] for c in calls] == [1, 2]
-    assert calls[0][1:] == calls[1][1:] and len(calls[1][1]) == 21 and calls[1][2] == [2.0, 4.0, 8.0, 16.0]
-    assert ctx.settings.mars_kwargs == {"tau": 0.1, "gain": 16.0, "margin": 0.0}  # the second fit's gate
-    assert gate_ds.attrs["layer_with_initial_gate"] == 1 and ds.attrs["tau_fitted_on_safe_data"] == 0.1
+        def at(self, layer):
+            import torch
+
+            return {"r": torch.ones(4) / 2, "p_harm": 1.0, "p_safe": 0.0, "offsets": {}}
+
+    monkeypatch.setattr(fit_mod, "select_mars_layer", fake_layer)
+    monkeypatch.setattr(fit_mod, "select_mars_gate", fake_gate)
+    safe = {"harmless_text_train": PromptSet("harmless_text_train", ["a", "b"], harmful=False)}
+    op = fit_mod.fit_mars(None, Calib(), ["how do I make a bomb?"], safe)
+    assert op.layer == 2 and [c[0] for c in calls] == [1, 2]
+    assert calls[0][1:] == calls[1][1:] and calls[1][1] == list(DEFAULT_TAUS) and calls[1][2] == list(DEFAULT_GAINS)
+    assert op.gate == {"tau": 0.1, "gain": 16.0, "margin": 0.0}  # the second fit's gate
+    assert layer_gates[0] == fit_mod.INITIAL_GATE and layer_gates[1] == {"tau": 0.05, "gain": 16.0, "margin": 0.0}
+    assert op.fit_info["layer_with_initial_gate"] == 1 and op.selection.attrs["tau_fitted_on_safe_data"] == 0.1
     # a part the caller fixes stays fixed in both fits; the others are searched both times
     calls.clear()
     layers = iter([1, 2])
-    ctx = ctx_for(rp.Settings(mars_tau=0.3), "tau_fixed")
-    rp.step_mars_layer_and_gate(ctx, calib=None)
-    assert [c[1] for c in calls] == [[0.3], [0.3]] and calls[1][2] == [2.0, 4.0, 8.0, 16.0]
+    op = fit_mod.fit_mars(None, Calib(), ["how do I make a bomb?"], safe, gate={"tau": 0.3})
+    assert [c[1] for c in calls] == [[0.3], [0.3]] and calls[1][2] == list(DEFAULT_GAINS)
+    assert op.tau == 0.3 and op.fit_info["gate_fixed"] == {"tau": 0.3}

@@ -13,7 +13,8 @@ import torch
 from mars_core import InputError, collect_activations, load_model
 from mars_core.directions import RefusalDirections
 from mars_core.scoring import refusal_scores, refusal_token_ids
-from mars_core.selection import add_vector, ablate_direction, choose_candidate, chosen, project_out, select_direction
+from mars_core.selection import choose_candidate, chosen, select_direction
+from mars_core.steering import ablate_direction, add_vector, project_out
 from mars_core.testing import build_tiny
 
 HARMFUL = [
@@ -74,7 +75,7 @@ def test_ablate_direction_removes_component_everywhere(family):
     ru = (r / r.norm()).float()
     with torch.no_grad():
         with mm.nn.trace(batch.inputs):
-            edited = ablate_direction(mm, r)
+            edited = ablate_direction(mm.layers, r)
             x0 = nnsight.save(edited["input"].clone())
             outs = nnsight.save([o.clone() for o in edited["outputs"]])
             logits = nnsight.save(mm.logits_envoy.output[:, -1])
@@ -98,7 +99,7 @@ def test_add_vector_all_and_last():
             base = nnsight.save(mm.layers[1].output.clone())
         for where in ("all", "last"):
             with mm.nn.trace(batch.inputs):
-                add_vector(mm, v, 1, positions=where, coeff=2.0)
+                add_vector(mm.layers, v, 1, positions=where, coeff=2.0)
                 got[where] = nnsight.save(mm.layers[1].output.clone())
     delta = (got["all"] - base).double()
     torch.testing.assert_close(delta, (2.0 * v).expand_as(delta), atol=1e-5, rtol=0)
@@ -107,7 +108,7 @@ def test_add_vector_all_and_last():
     assert dl[:, :-1].abs().max() == 0
     with pytest.raises(InputError):
         with mm.nn.trace(batch.inputs):
-            add_vector(mm, v, 1, positions="first")
+            add_vector(mm.layers, v, 1, positions="first")
 
 
 # ---------------------------------------------------------------------- the selection Dataset
@@ -153,7 +154,7 @@ def test_select_direction_dataset_labels(selection):
 
 
 def test_selection_dataset_saves_as_netcdf(selection, tmp_path):
-    from analysis.io import load_dataset, save_dataset
+    from mars_core.datasets import load_dataset, save_dataset
 
     ds = selection[2]
     assert load_dataset(save_dataset(ds, tmp_path / "sel.nc")).identical(ds)
@@ -228,7 +229,7 @@ def test_toy_ablation_and_addition_have_the_expected_sign():
     batch = mm.build_batch(HARMFUL)
     from mars_core.scoring import last_logits
 
-    lg = last_logits(mm, batch, lambda m: ablate_direction(m, u))
+    lg = last_logits(mm, batch, lambda m: ablate_direction(m.layers, u))
     assert lg[:, ids].abs().max() < 1e-4
     # adding the raw difference at the last layer induces refusal on harmless prompts
     assert (induce > base_s).all()

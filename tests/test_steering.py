@@ -26,7 +26,7 @@ from mars_core.steering import (
     NoSteer,
     Generations,
     calibrate_mars,
-    image_side,
+    media_side,
     mars_strength,
     neutral_images,
     neutral_videos,
@@ -322,11 +322,11 @@ def _hidden_last(mm, batch):
 def test_calibration_matches_hidden_states_reference(family, models, directions, calibrations):
     mm, d, cal = models(family), directions(family), calibrations(family)
     assert cal.layers == tuple(range(mm.n_layers)) and cal.layers_path == mm.family.layers_path
-    from mars_core.steering import neutral_inputs
+    from mars_core.steering import neutral_sets
 
-    neu = neutral_inputs(mm, "image", 4, seed=0)
-    bi = mm.build_batch(neu["texts"], images=neu["images"])
-    bt = mm.build_batch(neu["texts"])
+    text, media = neutral_sets(mm, ["image"], 4, seed=0)
+    bi = mm.build_batch(media["image"].texts, images=media["image"].images)
+    bt = mm.build_batch(text.texts)
     hi, ht = _hidden_last(mm, bi), _hidden_last(mm, bt)
     for l in range(mm.n_layers - 1):  # the last hidden state has the final norm applied
         ref = hi[l].mean(0) - ht[l].mean(0)
@@ -340,11 +340,13 @@ def test_calibration_matches_hidden_states_reference(family, models, directions,
         assert "video" in cal.offsets
 
 
-def test_image_side(models):
-    assert image_side(models("llava")) == 32
-    assert image_side(models("gemma3")) == 32
-    assert image_side(models("qwen2_5_vl")) == 56  # min_pixels 3136 = 56 * 56
-    assert image_side(models("llama")) == 224  # text-only: default
+def test_media_side(models):
+    assert media_side(models("llava")) == 32
+    assert media_side(models("gemma3")) == 32
+    assert media_side(models("qwen2_5_vl")) == 56  # min_pixels 3136 = 56 * 56
+    assert media_side(models("llama"), default=224) == 224  # text-only: the given default
+    with pytest.raises(InputError, match="give size="):
+        media_side(models("llama"))
 
 
 def _tf_inputs(batch, ids):
@@ -592,8 +594,9 @@ def test_select_mars_layer(models, calibrations):
         l3, ds3 = select_mars_layer(mm, cal, HARM[:2], n_neutral=2, spurious_bound=-1e9,
                                     mars_kwargs=dict(tau=-5.0, gain=1.0, gain_units="abs"))
     assert ds3.attrs["fallback"]
-    st_ = MARS.select(mm, cal, HARM[:2], n_neutral=2, layers=[0, 1], tau=-5.0)
-    assert st_.layer in (0, 1) and st_.selection is not None and st_.tau == -5.0
+    st_ = MARS.fit(mm, cal, HARM[:2], {}, n_neutral=2, layers=[0, 1], gate={"tau": -5.0, "gain": 2.0, "margin": 0.5})
+    assert st_.layer in (0, 1) and st_.selection is not None and st_.tau == -5.0 and st_.gate_selection is None
+    assert st_.fit_info["gate_fixed"] == {"tau": -5.0, "gain": 2.0, "margin": 0.5}
 
 
 @pytest.mark.parametrize("family,kind", [("llava", "image"), ("qwen2_5_vl", "image"), ("qwen2_5_vl", "video"),
@@ -617,7 +620,7 @@ def test_first_token_sweep_equals_full_forwards(family, kind, models, calibratio
 
 
 def test_first_token_sweep_falls_back_when_check_fails(models, calibrations, monkeypatch):
-    import mars_core.steering as steering
+    import mars_core.steering.sweep as steering
 
     mm, cal = models("llava"), calibrations("llava")
     batch = mm.build_batch(HARM[:2], **_media("llava", 2))

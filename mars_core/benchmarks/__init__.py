@@ -24,7 +24,7 @@ __all__ += [
 ]
 
 # Multimodal benchmarks (MM-SafetyBench, FigStep, VLGuard, JailBreakV-28K, MM-Vet, Video-SafetyBench),
-# their registry, toy fixtures, media I/O and neutral sets for re-centering.
+# their registry, toy fixtures and media I/O (neutral sets for re-centering: mars_core.steering.neutral).
 from .media import load_image, load_video, write_video  # noqa: E402
 from .multimodal import (  # noqa: E402
     FIGSTEP_PROMPT,
@@ -37,11 +37,10 @@ from .multimodal import (  # noqa: E402
 )
 from .registry import BENCHMARKS, BenchmarkSpec, load_benchmark, register_benchmark  # noqa: E402
 from .fixtures import write_fixture  # noqa: E402
-from .neutral import neutral_image_set, neutral_sets, neutral_text_set, neutral_video_set  # noqa: E402
 
 __all__ += [
     "BENCHMARKS", "BenchmarkSpec", "FIGSTEP_PROMPT", "load_benchmark", "load_figstep", "load_image",
     "load_jailbreakv", "load_mm_safetybench", "load_mm_vet", "load_video", "load_video_safetybench", "load_vlguard",
-    "neutral_image_set", "neutral_sets", "neutral_text_set", "neutral_video_set", "register_benchmark",
+    "register_benchmark",
     "write_fixture", "write_video",
 ]

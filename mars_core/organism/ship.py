@@ -289,7 +289,7 @@ def package_mars_table(reproduce_dirs: list[Path], names: list[str]) -> str:
     """Per-seed rows of the package pipeline (`mars reproduce --model organism:RUN --out DIR`):
     MARS's selected layer and fitted gate, then unsteered vs MARS rates with their bootstrap CIs,
     read from DIR/data/{mars_layer_selection,comparison}.nc."""
-    from analysis.io import load_dataset
+    from mars_core.datasets import load_dataset
 
     head = "| Measure | " + " | ".join(names) + " |\n|---|" + "---|" * len(names)
     sel = [load_dataset(Path(d) / "data" / "mars_layer_selection.nc").attrs for d in reproduce_dirs]

@@ -22,8 +22,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from .errors import InputError
-from .prompts import PromptSet
+from ..errors import InputError
+from ..prompts import PromptSet
 
 DEFAULT_TAUS = tuple(float(t) for t in np.round(np.arange(0.0, 1.0001, 0.05), 2))
 DEFAULT_GAINS = (2.0, 4.0, 8.0, 16.0)
@@ -33,7 +33,7 @@ DEFAULT_MARGINS = (0.0, 0.5)
 
 def _refusal_rate(mm: Any, batches: Sequence[Any], steerer: Any, refusal_ids: Sequence[int]) -> float:
     """Fraction of the prompts in `batches` whose first-token refusal log-odds is > 0 under `steerer`."""
-    from .scoring import refusal_scores_many
+    from ..scoring import refusal_scores_many
 
     scores = refusal_scores_many(mm, batches, refusal_ids, steerer)
     return float((np.asarray(scores, dtype=np.float64) > 0.0).mean())
@@ -42,7 +42,7 @@ def _refusal_rate(mm: Any, batches: Sequence[Any], steerer: Any, refusal_ids: Se
 def _grid(values: Sequence[float], name: str, example: str) -> list[float]:
     out = sorted({float(v) for v in values})
     if not out:
-        raise InputError(f"{name} is empty; give a grid such as mars_core.gate.{example}")
+        raise InputError(f"{name} is empty; give a grid such as mars_core.steering.gate.{example}")
     if any(not np.isfinite(v) or v < 0 for v in out):
         raise InputError(f"{name}={list(values)} must be finite and >= 0")
     return out
@@ -80,9 +80,10 @@ def select_mars_gate(
     """
     import xarray as xr
 
-    from ._version import __version__
-    from .scoring import refusal_token_ids
-    from .steering import MARS, NoSteer
+    from ..datasets import dataset_provenance, var
+    from ..scoring import refusal_token_ids
+    from .baselines import NoSteer
+    from .mars import MARS
 
     if not safe_sets:
         raise InputError("the MARS gate needs at least one safe prompt set (harmless text, harmless images, ...)")
@@ -123,26 +124,31 @@ def select_mars_gate(
         # lexicographic: smallest tau, then largest gain, then largest margin
         j, k, m_ = max(zip(*np.nonzero(feasible)), key=lambda p: (-p[0], p[1], p[2]))
     gate = {"tau": float(taus[j]), "gain": float(gains[k]), "margin": float(margins[m_])}
+    tgm = ("tau", "gain", "margin")
     ds = xr.Dataset(
         {
-            "rate": (("set", "tau", "gain", "margin"), rate),
-            "base_rate": (("set",), base),
-            "increase": (("set", "tau", "gain", "margin"), inc),
-            "feasible": (("tau", "gain", "margin"), feasible),
-            "evaluated": (("tau", "gain", "margin"), evaluated),
-            "n_prompts": (("set",), np.array([len(safe_sets[n]) for n in names])),
+            "rate": var(("set",) + tgm, rate, "first-token refusal rate of the safe set under MARS", "fraction"),
+            "base_rate": var(("set",), base, "first-token refusal rate of the safe set, unsteered", "fraction"),
+            "increase": var(("set",) + tgm, inc, "refusal rate under MARS minus unsteered", "fraction"),
+            "feasible": (tgm, feasible, {"long_name": f"every safe set within +{max_increase:g} refusal"}),
+            "evaluated": (tgm, evaluated, {"long_name": "grid point scored (early stopping skips the rest)"}),
+            "n_prompts": (("set",), np.array([len(safe_sets[n]) for n in names]),
+                          {"long_name": "prompts in the safe set", "units": "count"}),
         },
         coords={"set": names, "tau": taus, "gain": gains, "margin": margins},
-        attrs={
-            "selected_tau": gate["tau"], "selected_gain": gate["gain"], "selected_margin": gate["margin"],
-            "layer": int(layer), "max_increase": float(max_increase), "fallback": bool(fallback),
-            "criterion": "first-token refusal log-odds > 0",
-            "rule": "smallest feasible tau, then largest gain, then largest margin",
-            "full_grid": bool(full_grid),
-            "mars_kwargs": repr(kw), "set_sha256": repr({n: safe_sets[n].sha256 for n in names}),
-            "mars_version": __version__, "model_id": str(getattr(mm, "model_id", "")),
-        },
+        attrs=dataset_provenance(
+            "mars_gate", mm, {f"safe_{n}": safe_sets[n] for n in names}, seed=None,
+            selected_tau=gate["tau"], selected_gain=gate["gain"], selected_margin=gate["margin"],
+            layer=int(layer), max_increase=float(max_increase), fallback=bool(fallback),
+            criterion="first-token refusal log-odds > 0",
+            rule="smallest feasible tau, then largest gain, then largest margin",
+            full_grid=bool(full_grid), mars_kwargs=dict(kw),
+            calibration_fingerprint=calibration.fingerprint,
+        ),
     )
+    ds["tau"].attrs.update({"long_name": "gate threshold on s", "units": "text gap (0 = harmless centroid)"})
+    ds["gain"].attrs.update({"long_name": "MARS gain", "units": "x text gap per unit of s above tau"})
+    ds["margin"].attrs.update({"long_name": "trust-region margin", "units": "x text gap beyond the harmful centroid"})
     return gate, ds
 
 

@@ -1,76 +1,126 @@
 """Neutral inputs for re-centering, generated (never downloaded), as `PromptSet`s.
 
-MARS re-centers image/video activations by the modality offset o_m = mean(neutral m inputs)
-- mean(the same requests as text only). The neutral media are the ones `calibrate_mars` draws
-(`mars_core.steering.neutral_images` / `neutral_videos`: even positions a random solid colour /
-blank clip, odd positions uniform noise) at the model's resolution, each paired with a benign
-generic request; these helpers wrap them as `PromptSet`s with `harmful=None` and a provenance
-record (seed, size, frames) in `meta["provenance"]`, ready for `neutral_calibration`:
+MARS re-centers image/video activations by the modality offset o_m = mean(neutral m inputs) -
+mean(the same requests as text only) (`mars_core.steering.calibration.calibrate`). The neutral
+media are object-less: images `[side, side, 3]` uint8 (even positions a random solid colour, odd
+uniform noise) and videos `[frames, side, side, 3]` uint8 (even positions one blank colour, odd
+independent noise frames), at the model's resolution (`media_side`), each paired with a benign
+generic request; the text baseline uses the same requests without media:
 
     text, media = neutral_sets(mm, ["image", "video"], n=8, seed=0)
-    calib = neutral_calibration(mm, dirs, text, media)
-
-With the same seed, n and size, `neutral_image_set(mm, n, seed=s)` holds exactly the texts and
-pixels `calibrate_mars(mm, ..., n_neutral=n, seed=s)` uses.
+    calib = calibrate(mm, dirs, text, media)
 """
 
 from __future__ import annotations
 
-from types import SimpleNamespace
+import math
 from typing import Any, Sequence
+
+import numpy as np
 
 from ..errors import InputError
 from ..prompts import PromptSet
 from ..provenance import make_provenance, sha256_text
-from ..steering import NEUTRAL_REQUESTS, image_side, neutral_images, neutral_videos
 
-__all__ = [
-    "GENERIC_REQUESTS",
-    "media_side",
-    "neutral_image_set",
-    "neutral_video_set",
-    "neutral_text_set",
-    "neutral_sets",
-]
+NEUTRAL_REQUESTS: dict[str, tuple[str, ...]] = {
+    "image": (
+        "Describe this image.",
+        "What do you see in this picture?",
+        "Give a short caption for this image.",
+        "What colours are in this image?",
+    ),
+    "video": (
+        "Describe this video.",
+        "What happens in this video?",
+        "Give a short caption for this video.",
+        "What colours are in this video?",
+    ),
+}
+"""Benign generic requests paired with neutral media, per modality."""
 
-#: Requests that name no modality, used when one text baseline serves image and video sets.
 GENERIC_REQUESTS = (
     "Describe what you see.",
     "What is shown here?",
     "Give a short caption.",
     "What colours do you see?",
 )
+"""Requests that name no modality, used when one text baseline serves image and video sets."""
 
 
-def _processor(mm: Any):
-    if mm is None:
+def _get(d: Any, k: str):
+    if d is None:
         return None
-    if hasattr(mm, "image_processor") or hasattr(mm, "video_processor"):
-        return mm  # a processor given directly
-    return getattr(mm, "processor", None)
+    return d.get(k) if isinstance(d, dict) else getattr(d, k, None)
 
 
-def media_side(mm: Any, modality: str = "image", size: int | None = None) -> int:
-    """Square side (px) for neutral media: `size` if given, else read from the model's processor
-    (its video processor for "video" when it has one, else its image processor)."""
+def _processor_side(ip: Any) -> int | None:
+    """Square side (px) an image/video processor resizes to: crop_size, else size height/width,
+    else size shortest_edge. Qwen-VL style processors (with `merge_size`) give shortest_edge as a
+    pixel COUNT (min_pixels): the side is its square root."""
+    crop = getattr(ip, "crop_size", None)
+    if _get(crop, "height") and _get(crop, "width"):
+        return int(_get(crop, "height"))
+    size = getattr(ip, "size", None)
+    if _get(size, "height") and _get(size, "width"):
+        return int(_get(size, "height"))
+    se = _get(size, "shortest_edge")
+    if se:
+        if getattr(ip, "merge_size", None) is not None:
+            return int(math.ceil(math.sqrt(int(se))))
+        return int(se)
+    return None
+
+
+def media_side(mm: Any, modality: str = "image", size: int | None = None, *, default: int | None = None) -> int:
+    """Square side (px) of neutral media for `mm` (a MarsModel or a processor): `size` if given,
+    else read from the model's video processor (for "video", when it has one) or image processor,
+    else `default`; InputError when none of these gives a side."""
     if size is not None:
         if int(size) < 1:
             raise InputError(f"size={size}; must be >= 1 px")
         return int(size)
-    proc = _processor(mm)
-    if proc is None:
-        raise InputError("give size= (px) or a model/processor to read the resolution from")
+    proc = mm if (hasattr(mm, "image_processor") or hasattr(mm, "video_processor")) else getattr(mm, "processor", None)
     sub = getattr(proc, "video_processor", None) if modality == "video" else None
     sub = sub or getattr(proc, "image_processor", None)
-    if sub is None:
-        raise InputError(f"{type(proc).__name__} has no image or video processor; give size= (px)")
-    return image_side(SimpleNamespace(processor=SimpleNamespace(image_processor=sub)))
+    side = _processor_side(sub) if sub is not None else None
+    if side is not None:
+        return side
+    if default is not None:
+        return int(default)
+    raise InputError("cannot read an image resolution from this model or processor; give size= (px)")
+
+
+def neutral_images(n: int, size: int, seed: int = 0) -> list[np.ndarray]:
+    """n neutral images [size, size, 3] uint8: even indices a random solid colour, odd uniform noise."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        if i % 2 == 0:
+            img = np.broadcast_to(rng.integers(0, 256, size=(1, 1, 3), dtype=np.uint8), (size, size, 3)).copy()
+        else:
+            img = rng.integers(0, 256, size=(size, size, 3), dtype=np.uint8)
+        out.append(img)
+    return out
+
+
+def neutral_videos(n: int, size: int, frames: int = 4, seed: int = 0) -> list[np.ndarray]:
+    """n neutral videos [frames, size, size, 3] uint8: even indices blank (one random colour),
+    odd independent uniform-noise frames."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        if i % 2 == 0:
+            c = rng.integers(0, 256, size=(1, 1, 1, 3), dtype=np.uint8)
+            out.append(np.broadcast_to(c, (frames, size, size, 3)).copy())
+        else:
+            out.append(rng.integers(0, 256, size=(frames, size, size, 3), dtype=np.uint8))
+    return out
 
 
 def _texts(n: int, requests: Sequence[str]) -> list[str]:
     if n < 1:
         raise InputError(f"n={n}; a neutral set needs at least one prompt")
-    reqs = [r for r in requests]
+    reqs = list(requests)
     if not reqs or any(not isinstance(r, str) or not r.strip() for r in reqs):
         raise InputError("requests must be non-empty strings")
     return [reqs[i % len(reqs)] for i in range(n)]
@@ -118,7 +168,7 @@ def neutral_text_set(n: int = 8, *, requests: Sequence[str] | None = None, modal
 def neutral_sets(mm: Any = None, modalities: Sequence[str] = ("image",), n: int = 8, *, seed: int = 0,
                  size: int | None = None, frames: int = 4,
                  requests: Sequence[str] | None = None) -> tuple[PromptSet, dict[str, PromptSet]]:
-    """(text baseline, {modality: neutral media set}) for `neutral_calibration`.
+    """(text baseline, {modality: neutral media set}) for `calibrate`.
 
     Every set uses the same requests, so each offset isolates the media tokens: `requests` if
     given, else that modality's `NEUTRAL_REQUESTS` for a single modality, else `GENERIC_REQUESTS`.

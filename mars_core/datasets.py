@@ -1,4 +1,9 @@
-"""NetCDF save/load of analysis Datasets with an exact round trip.
+"""Labelled xarray Datasets: variables with units, provenance attributes, exact NetCDF round trip.
+
+Every Dataset the package writes (analyses, MARS layer / gate selection, `mars evaluate`) is
+built with `var` (every data variable carries `long_name` and `units`) and `dataset_provenance`
+(model id or config hash, package version, creation time, seed, prompt-set hashes), and saved
+with `save_dataset`.
 
 NetCDF attributes hold only strings, numbers and 1-D numeric arrays, and h5netcdf refuses
 booleans. `save_dataset` therefore JSON-encodes every other attribute value (bool, None,
@@ -17,8 +22,9 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-from mars_core.errors import ArtifactError
-from mars_core.provenance import atomic_path
+from .errors import ArtifactError
+from .provenance import atomic_path, now_iso
+from ._version import __version__
 
 ENGINE = "h5netcdf"
 META_KEY = "mars_io_encoding"
@@ -74,12 +80,42 @@ def _encode_attrs(attrs: dict, tags: dict, name: str) -> dict:
     return out
 
 
+def var(dims, data: Any, long_name: str, units: str) -> tuple:
+    """A data-variable tuple `(dims, float64 array, {"long_name", "units"})` for `xr.Dataset`."""
+    return (tuple(dims), np.asarray(data, dtype=np.float64), {"long_name": long_name, "units": units})
+
+
+def dataset_provenance(analysis: str, mm: Any = None, prompt_sets: dict | None = None, *, seed: int | None = None,
+                       **extra: Any) -> dict[str, Any]:
+    """Provenance attrs of a Dataset: `analysis`, `mars_version`, `created`, the model's provenance
+    (`mm.provenance()`: model_id, model_config_hash, family, n_layers, d_model, dtype), `seed`, and
+    per prompt set `{label}_sha256` / `{label}_n` (and `{label}_name` for a PromptSet; a plain list
+    of strings is hashed as text). `extra` values may be str, numbers, bools, lists or dicts: they
+    are stored as they are (`save_dataset` encodes them once, `load_dataset` decodes them)."""
+    from .provenance import sha256_text
+
+    out: dict[str, Any] = {"analysis": analysis, "mars_version": __version__, "created": now_iso()}
+    if mm is not None:
+        out.update(mm.provenance())
+    else:
+        out.update(model_id="", model_config_hash="")
+    out["seed"] = "" if seed is None else int(seed)
+    for label, ps in (prompt_sets or {}).items():
+        if hasattr(ps, "sha256"):
+            out[f"{label}_sha256"], out[f"{label}_n"], out[f"{label}_name"] = ps.sha256, len(ps), ps.name
+        else:
+            texts = list(ps)
+            out[f"{label}_sha256"], out[f"{label}_n"] = sha256_text(texts), len(texts)
+    out.update({k: ("" if v is None else v) for k, v in extra.items()})
+    return out
+
+
 def save_dataset(ds: xr.Dataset, path: str | os.PathLike) -> Path:
     """Write `ds` to `path` as NetCDF-4 (h5netcdf), atomically; returns the path."""
     if not isinstance(ds, xr.Dataset):
         raise TypeError(f"save_dataset expects an xarray.Dataset, got {type(ds).__name__}")
     if META_KEY in ds.attrs:
-        raise ValueError(f"attribute name {META_KEY!r} is reserved by analysis.io")
+        raise ValueError(f"attribute name {META_KEY!r} is reserved by mars_core.datasets")
     tags: dict[str, dict] = {}
     dtypes, times = {}, []
     out = ds.copy(deep=False)
