@@ -13,9 +13,9 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 import xarray as xr
 
+from mars_core.datasets import dataset_provenance, var
 from mars_core.errors import InputError
 from mars_core.prompts import PromptSet
-from mars_core.provenance import make_provenance
 
 from .synthetic import COORD_ATTRS, STRENGTH_UNITS
 
@@ -29,7 +29,7 @@ __all__ = [
     "PROMPT_SETS",
     "attach_coord_attrs",
     "var",
-    "analysis_provenance",
+    "dataset_provenance",
     "check_prompt_set",
     "order_modalities",
     "build_batches",
@@ -45,32 +45,6 @@ def attach_coord_attrs(ds: xr.Dataset) -> xr.Dataset:
         if name in ds.coords:
             ds[name].attrs.update(attrs)
     return ds
-
-
-def var(dims: Sequence[str], data: Any, long_name: str, units: str) -> tuple:
-    """A float64 data variable tuple with `long_name` and `units` attributes."""
-    return (tuple(dims), np.asarray(data, dtype=np.float64), {"long_name": long_name, "units": units})
-
-
-def analysis_provenance(analysis: str, mm: Any = None, prompt_sets: Mapping[str, PromptSet] | None = None,
-                        *, seed: int | None = None, **extra: Any) -> dict[str, Any]:
-    """Provenance attrs: mars version, creation time, `analysis`, the model's provenance
-    (`mm.provenance()`: model_id, model_config_hash, ...), `seed`, and per prompt set
-    `{label}_sha256` / `{label}_n` / `{label}_name` (label = e.g. "harmful_image")."""
-    fields: dict[str, Any] = {"analysis": analysis}
-    if mm is not None:
-        fields.update(mm.provenance())
-    else:
-        fields.setdefault("model_id", "")
-        fields.setdefault("model_config_hash", "")
-    fields["seed"] = seed
-    for label, ps in (prompt_sets or {}).items():
-        prov = ps.provenance()  # {name}_sha256, {name}_n
-        fields[f"{label}_sha256"] = prov[f"{ps.name}_sha256"]
-        fields[f"{label}_n"] = prov[f"{ps.name}_n"]
-        fields[f"{label}_name"] = ps.name
-    fields.update(extra)
-    return make_provenance(**fields)
 
 
 def check_prompt_set(ps: Any, what: str, modality: str | None = None) -> PromptSet:

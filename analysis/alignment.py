@@ -31,7 +31,7 @@ from mars_core.errors import IncompatibleModelError, InputError
 from mars_core.prompts import PromptSet
 
 from ._common import (
-    analysis_provenance,
+    dataset_provenance,
     attach_coord_attrs,
     check_layers,
     check_model_takes,
@@ -215,7 +215,7 @@ def layer_alignment(
             "auc": var(d, out["auc"], "harmful-vs-harmless AUC along text direction", "AUC"),
         },
         coords={"layer": np.asarray(lay, dtype=np.int64), "modality": list(mods)},
-        attrs=analysis_provenance(
+        attrs=dataset_provenance(
             "alignment", mm, sets, seed=seed, pos=-1,
             directions_model_config_hash=directions.provenance.get("model_config_hash", ""),
             directions_harmful_sha256=directions.provenance.get("harmful_sha256", ""),

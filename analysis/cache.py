@@ -1,10 +1,12 @@
 """A step cache keyed by inputs, so an interrupted pipeline resumes where it stopped.
 
-Each step's result is saved atomically under `root/<name>-<key>.<suffix>`, where `key`
-hashes everything that determines the result (model config hash, prompt-set hashes,
-parameters, package version). A rerun with the same inputs loads the file instead of
-recomputing; `fresh=True` ignores (and overwrites) cached files. An unreadable cached file
-is recomputed, never trusted.
+Each step's result is saved under `root/<name>-<key>.<suffix>` (a file, or a folder when the
+step saves several files), where `key` hashes everything that determines the result (for the
+study's steps: the content fingerprint of every value the step reads, `analysis.graph`) and the
+package version. The result is written under a temporary name and renamed into place, so a
+crash never leaves a half-written entry under the final name. A rerun with the same inputs
+loads the entry instead of recomputing; `fresh=True` ignores (and overwrites) cached entries.
+An unreadable cached entry is recomputed, never trusted.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import shutil
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
@@ -59,6 +63,21 @@ class StepCache:
                 return value
         value = compute()
         self.root.mkdir(parents=True, exist_ok=True)
-        save(value, path)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        _remove(tmp)
+        try:
+            save(value, tmp)
+            if path.is_dir():
+                shutil.rmtree(path)
+            os.replace(tmp, path)
+        finally:
+            _remove(tmp)
         self.events.append((name, "computed", path))
         return value
+
+
+def _remove(p: Path) -> None:
+    if p.is_dir():
+        shutil.rmtree(p)
+    elif p.exists():
+        p.unlink()

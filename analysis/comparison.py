@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from typing import Any, Callable, Mapping, Sequence
 
@@ -24,7 +23,7 @@ from mars_core.errors import InputError
 from mars_core.prompts import PromptSet
 
 from ._common import (
-    analysis_provenance,
+    dataset_provenance,
     attach_coord_attrs,
     check_judge,
     check_model_takes,
@@ -102,7 +101,7 @@ def evaluate_methods(
             raise InputError(f"eval_sets has the utility metric {metric!r} but caption_check is None")
     judge = check_judge(judge)
 
-    out = PerPrompt(provenance=analysis_provenance(
+    out = PerPrompt(provenance=dataset_provenance(
         "comparison", mm, eval_sets, seed=seed, judge=getattr(judge, "name", type(judge).__name__),
         max_new_tokens=int(max_new_tokens), steerers={n: repr(s) for n, s in steerers.items()}))
     for name, st in steerers.items():
@@ -183,10 +182,10 @@ def method_comparison(
             lo, hi = _bootstrap_ci(x, idx_by_n[n], ci)
             value[i, j] = (float(x.mean()), lo, hi)
 
-    prov = getattr(per_prompt, "provenance", None) or analysis_provenance("comparison", None, None, seed=int(seed))
+    prov = getattr(per_prompt, "provenance", None) or dataset_provenance("comparison", None, None, seed=int(seed))
     attrs = {**prov, "analysis": "comparison", "bootstrap_seed": int(seed), "n_boot": n_boot, "ci": ci,
              "ci_method": "percentile bootstrap over prompts, paired across methods",
-             "n_prompts": json.dumps(n_prompts, sort_keys=True)}
+             "n_prompts": n_prompts}
     ds = xr.Dataset(
         {"value": var(("method", "metric", "bound"), value, "refusal rate or utility", "fraction")},
         coords={"method": methods, "metric": metrics, "bound": list(BOUNDS)},

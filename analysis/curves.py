@@ -28,7 +28,6 @@ layer and strength; a built-in name mapped to None uses the built-in.
 
 from __future__ import annotations
 
-import json
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
@@ -40,7 +39,7 @@ from mars_core.prompts import PromptSet
 
 from ._common import (
     PROMPT_SETS,
-    analysis_provenance,
+    dataset_provenance,
     attach_coord_attrs,
     build_batches,
     check_judge,
@@ -233,11 +232,11 @@ def refusal_curves(
         },
         coords={"method": list(factories), "modality": mods, "prompt_set": sets,
                 "layer": np.asarray(lay, dtype=np.int64), "strength": st, "prompt": np.arange(n_max)},
-        attrs=analysis_provenance(
+        attrs=dataset_provenance(
             "curves", mm, {f"{p}_{m}": ps for (m, p), ps in prompts.items()}, seed=seed,
             generate=bool(generate), max_new_tokens=int(max_new_tokens) if generate else 0,
             judge=getattr(judge, "name", type(judge).__name__) if generate else "",
-            mars_kwargs=json.dumps(mars_kwargs, sort_keys=True, default=str),
+            mars_kwargs=dict(mars_kwargs),
             refusal_ids=rid,
             custom_methods=[n for n, f in spec.items() if f is not None],
         ),

@@ -497,24 +497,41 @@ def plot_refusal_curves(ds: xr.Dataset, layer: int | None = None, variable: str 
     return _finish(fig, out_dir, name)
 
 
-def plot_dataset(ds: xr.Dataset, out_dir: str | os.PathLike) -> list[Path]:
-    """Write the standard figures of one analysis Dataset (by `attrs["analysis"]`)."""
-    kind, out = ds.attrs.get("analysis"), Path(out_dir)
-    if kind == "curves":
-        method = "actadd" if "actadd" in ds["method"] else str(ds["method"].values[0])
-        names = [f"refusal_heatmap_{method}_{p}" for p in ds["prompt_set"].values]
-        for p in ds["prompt_set"].values:
-            plot_refusal_heatmap(ds, method=method, prompt_set=str(p), out_dir=out)
-        plot_refusal_curves(ds, out_dir=out)
-        names.append("refusal_curves")
-    elif kind in FIGURES:
-        FIGURES[kind](ds, out_dir=out)
-        names = [FIGURES[kind].__name__.removeprefix("plot_")]
-    else:
-        raise ValueError(f"no figure for a Dataset with attrs['analysis']={kind!r}; "
-                         f"known: {sorted(FIGURES) + ['curves']}")
-    return [out / f"{n}{ext}" for n in names for ext in (".pdf", ".png")]
+@_styled
+def plot_mars_layer_selection(ds: xr.Dataset, out_dir=None, ax=None, name: str = "mars_layer_selection") -> Figure:
+    """MARS's layer choice: (a) refusal MARS induces on harmful text per layer; (b) the spurious
+    refusal it adds to object-less neutral inputs, with the bound; the chosen layer marked and a
+    fallback named in the title."""
+    _require(ds, "plot_mars_layer_selection", ["induced", "spurious_delta", "feasible"], ["layer", "modality"])
+    fig, (a, b) = _axes(ax, 2, (DOUBLE, 2.4))
+    layers = ds["layer"].values
+    chosen = int(ds.attrs.get("selected_layer", layers[0]))
+    feasible = ds["feasible"].values.astype(bool)
+    for axis in (a, b):
+        for l, ok in zip(layers, feasible):
+            if not ok:
+                axis.axvspan(l - 0.5, l + 0.5, color="#EEEEEE", lw=0, zorder=0)
+        axis.axvline(chosen, color=METHODS["mars"]["color"], lw=1.0, ls="--", zorder=1)
+        _int_ticks(axis)
+    a.plot(layers, ds["induced"], color=METHODS["mars"]["color"], marker="o", label="MARS")
+    a.axhline(float(ds["induced_base"]), color=METHODS["none"]["color"], ls=":", label="no steering")
+    a.set(title="(a) Refusal induced on harmful text", xlabel=LAYER_LABEL,
+          ylabel=f"{SCORE_LABEL}")
+    a.legend(loc="best")
+    for m in ds["modality"].values:
+        st = _modality(str(m))
+        b.plot(layers, ds["spurious_delta"].sel(modality=m), color=st["color"], marker=st["marker"], ls=st["ls"],
+               label=f"neutral {st['label'].lower()}")
+    bound = float(ds.attrs.get("spurious_bound", np.nan))
+    b.axhline(bound, color="#555555", lw=0.8, ls=":", label=f"bound (+{bound:g})")
+    b.set(title="(b) Spurious refusal added to neutral inputs", xlabel=LAYER_LABEL,
+          ylabel="Refusal score increase (log-odds)")
+    b.legend(loc="best")
+    fb = ds.attrs.get("fallback", "")
+    fig.suptitle(f"MARS layer selection on {ds.attrs.get('model_id', '')}: layer {chosen}"
+                 + (f" (FALLBACK: {fb})" if fb else " (grey: layers not eligible)"))
+    return _finish(fig, out_dir, name)
 
 
-FIGURES = {"alignment": plot_alignment, "spurious": plot_spurious,
-           "stability": plot_stability, "comparison": plot_comparison}
+FIGURES = {"alignment": plot_alignment, "spurious": plot_spurious, "stability": plot_stability,
+           "comparison": plot_comparison, "mars_layer_selection": plot_mars_layer_selection}

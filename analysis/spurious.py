@@ -19,7 +19,6 @@ with re-centering the gate stays shut. At strength 0 nothing is added, for eithe
 
 from __future__ import annotations
 
-import json
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -29,7 +28,7 @@ from mars_core.errors import InputError
 from mars_core.prompts import PromptSet
 
 from ._common import (
-    analysis_provenance,
+    dataset_provenance,
     attach_coord_attrs,
     build_batches,
     check_judge,
@@ -152,11 +151,11 @@ def spurious_refusal(
         },
         coords={"recenter": list(rec_vals), "strength": st, "modality": mods, "prompt": np.arange(n_max)},
         attrs={
-            **analysis_provenance(
+            **dataset_provenance(
                 "spurious", mm, {f"safe_{m}": ps for m, ps in safe.items()}, seed=seed,
                 generate=bool(generate), max_new_tokens=int(max_new_tokens) if generate else 0,
                 judge=getattr(judge, "name", type(judge).__name__) if generate else "",
-                mars_kwargs=json.dumps(mars_kwargs, sort_keys=True, default=str),
+                mars_kwargs=dict(mars_kwargs),
                 strength_definition="MARS gain in gap units: alpha = min(strength * (p_harm - p_safe) * "
                                     "relu(s - tau), cap)",
                 refusal_ids=rid,

@@ -21,7 +21,6 @@ layers all of them hold:
 
 from __future__ import annotations
 
-import json
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
@@ -32,7 +31,7 @@ from mars_core.errors import IncompatibleModelError, InputError
 from mars_core.prompts import PromptSet
 
 from ._common import (
-    analysis_provenance,
+    dataset_provenance,
     attach_coord_attrs,
     check_judge,
     check_model_takes,
@@ -154,10 +153,10 @@ def direction_stability(
         },
         coords={"checkpoint": names, "checkpoint_b": names, "layer": np.asarray(common, dtype=np.int64),
                 "k": np.arange(1, k + 1, dtype=np.int64)},
-        attrs=analysis_provenance(
+        attrs=dataset_provenance(
             "stability", None, None, seed=seed,
-            model_id=json.dumps([directions[n].provenance.get("model_id", "") for n in names]),
-            model_config_hash=json.dumps([directions[n].provenance.get("model_config_hash", "") for n in names]),
+            model_id=[directions[n].provenance.get("model_id", "") for n in names],
+            model_config_hash=[directions[n].provenance.get("model_config_hash", "") for n in names],
             checkpoints=names,
             directions_harmful_sha256=[directions[n].provenance.get("harmful_sha256", "") for n in names],
             directions_harmless_sha256=[directions[n].provenance.get("harmless_sha256", "") for n in names],
@@ -165,7 +164,7 @@ def direction_stability(
             k_max=k,
             subspace="span of the top-k left singular vectors of [r_l1 ... r_lL] (D x L, unit directions)",
             principal_angle_definition="largest principal angle between S_a(k) and S_b(k)",
-            transplant=kind,
+            transplant=getattr(transplant, "description", kind),
         ),
     )
     return attach_coord_attrs(ds)
@@ -219,4 +218,9 @@ def make_transplant(
         cache[(source, target)] = rate
         return rate
 
+    transplant.description = (
+        f"ActAdd at layer {layer} with {coeff:g} x the source checkpoint's raw mean difference (last prompt "
+        f"position, first generated token) on the target checkpoint; refusal judged by "
+        f"{getattr(judge, 'name', type(judge).__name__)} on {max_new_tokens} greedy tokens of {len(harmful)} "
+        f"prompts of {harmful.name!r} (sha256 {harmful.sha256})")
     return transplant

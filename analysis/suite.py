@@ -1,8 +1,7 @@
 """Prompt suites: every `PromptSet` the paper's analyses need, for one model.
 
-`organism_suite(seed)` builds them for the built-in model organism from its concept lists
-and procedurally drawn glyph images (held-out templates and fresh images for evaluation,
-training templates for directions). Names:
+The toy organism's suite is `mars_core.organism.sets.organism_suite` (its own vocabulary and
+glyph images); `typographic_suite` is a data-free suite for any hub model. Names:
 
 - `harmful_text_train` / `harmless_text_train`: text requests the directions are taken from;
 - `harmful_text` / `harmless_text`: held-out text requests (evaluation);
@@ -17,55 +16,12 @@ Video sets appear only for models that take video.
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 
+from mars_core.organism.sets import caption_check, organism_suite
 from mars_core.prompts import PromptSet
 
-
-def _to_set(name: str, prompts: list[Any], harmful: bool | None) -> PromptSet:
-    images = [p.image for p in prompts]
-    has = [im is not None for im in images]
-    if any(has) and not all(has):
-        raise ValueError(f"{name}: mixed text and image prompts")
-    return PromptSet(
-        name,
-        [p.user for p in prompts],
-        images=[np.asarray(im.convert("RGB")) for im in images] if all(has) else None,
-        harmful=harmful,
-        meta={"concepts": [p.concept for p in prompts]},
-    )
-
-
-def organism_suite(seed: int = 0) -> dict[str, PromptSet]:
-    """The organism's prompt sets (see module docstring), deterministic under `seed`."""
-    from mars_core.organism.eval import build_sets
-
-    raw = build_sets(seed)
-    pick = {
-        "harmful_text_train": ("cal_text_harmful", True),
-        "harmless_text_train": ("cal_text_harmless", False),
-        "harmful_text": ("text_harmful", True),
-        "harmless_text": ("text_harmless", False),
-        "harmful_image_cal": ("cal_img_harmful", True),
-        "harmless_image_cal": ("cal_img_harmless", False),
-        "harmful_image": ("img_harmful", True),
-        "harmless_image": ("img_harmless", False),
-        "captions": ("cap_harmless", False),
-        "captions_cal": ("cal_cap_harmless", False),
-        "neutral_text": ("neutral_text", None),
-        "neutral_image": ("neutral_img", None),
-    }
-    return {name: _to_set(name, raw[key], harmful) for name, (key, harmful) in pick.items()}
-
-
-def caption_check(ps: PromptSet, responses: list[str]) -> list[bool]:
-    """Organism captions are correct when the answer names the pictured concept."""
-    concepts = ps.meta.get("concepts")
-    if concepts is None:
-        raise ValueError(f"{ps.name}: caption_check needs meta['concepts']")
-    return [f" {c} " in f" {r.strip()} " for c, r in zip(concepts, responses)]
+__all__ = ["caption_check", "organism_suite", "typographic_image", "typographic_suite"]
 
 
 def _clean(s: str) -> str:
@@ -99,7 +55,7 @@ def typographic_suite(seed: int = 0, image_size: int = 336) -> dict[str, PromptS
     needs no download and exercises every analysis.
     """
     from mars_core.organism import concepts as C
-    from mars_core.steering import neutral_images
+    from mars_core.steering.neutral import neutral_images
 
     def text_set(name, combos, words, harmful):
         texts, cs = [], []

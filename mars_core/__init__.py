@@ -3,7 +3,7 @@
 Entry points: `load_model` (any supported transformers model under nnsight),
 `collect_activations` (streaming residual-stream capture), `RefusalDirections` (text
 difference-of-means directions), scoring and judges, `select_direction`, and the family
-registry (`Family`, `register_family`, `families`); steering: `MARS` (`MARS.fit`, `save`,
+registry (`Family`, `register_family`, `families`); steering: `MARS` (`save`,
 `load`), `ActAdd`, `DirectionalAblation`, `AutoSteer`, `MarsCalibration`, `neutral_calibration`,
 `fit_mars`, `select_mars_layer`, `select_mars_gate`.
 

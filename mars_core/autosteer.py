@@ -40,6 +40,8 @@ from .provenance import make_provenance, sha256_text
 from .steering.base import Steerer, check_steps, edit_last, layers_of
 from .steering.operator import unit_direction
 
+AUTOSTEER_FORMAT = "mars-autosteer"
+
 
 # ============================================================================ SAS
 def safety_awareness_score(acts_harmful: torch.Tensor, acts_harmless: torch.Tensor) -> torch.Tensor:
@@ -285,6 +287,57 @@ class AutoSteer(Steerer):
         )
         if acc < 0.75:
             warnings.warn(f"AutoSteer prober training accuracy is only {acc:.2f}", stacklevel=2)
+        return st
+
+    # -- persistence -------------------------------------------------------------------------
+    def save(self, path) -> "Path":
+        """Write the fitted steerer as one folder: `autosteer.safetensors` (prober and head
+        direction, bit-exact), `autosteer.json` (layers, strength, threshold, training metrics,
+        provenance) and `sas.nc` (the SAS per layer) when fitted."""
+        from pathlib import Path
+
+        from .datasets import save_dataset
+        from .provenance import atomic_write_json, save_tensor_file
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        p = self.prober
+        save_tensor_file(path / "autosteer.safetensors",
+                         {"mean": p.mean, "std": p.std, "w1": p.w1, "b1": p.b1, "w2": p.w2, "b2": p.b2, "r": self.r},
+                         {}, fmt=AUTOSTEER_FORMAT, version="1", provenance=dict(self.sas.attrs) if self.sas is not None else {})
+        if self.sas is not None:
+            save_dataset(self.sas, path / "sas.nc")
+        atomic_write_json(path / "autosteer.json", {
+            "format": AUTOSTEER_FORMAT, "probe_layer": self.probe_layer, "head_layer": self.head_layer,
+            "beta": self.beta, "threshold": self.threshold, "scope": self.scope, "layers_path": self.layers_path,
+            "metrics": self.metrics, "fingerprint": self.fingerprint})
+        return path
+
+    @classmethod
+    def load(cls, path) -> "AutoSteer":
+        """The steerer `save` wrote (identical edits); ArtifactError if a file is missing or changed."""
+        import json
+        from pathlib import Path
+
+        from .datasets import load_dataset
+        from .errors import ArtifactError
+        from .provenance import read_tensor_file
+
+        path = Path(path)
+        if not (path / "autosteer.json").is_file():
+            raise ArtifactError(f"no saved AutoSteer at {path} (no autosteer.json)")
+        meta = json.loads((path / "autosteer.json").read_text(encoding="utf-8"))
+        t, _, _ = read_tensor_file(path / "autosteer.safetensors", fmt=AUTOSTEER_FORMAT, version="1",
+                                   what="AutoSteer", required=("mean", "std", "w1", "b1", "w2", "b2", "r"))
+        st = cls(Prober(t["mean"], t["std"], t["w1"], t["b1"], t["w2"], t["b2"]), meta["probe_layer"], t["r"],
+                 meta["beta"], head_layer=meta["head_layer"], threshold=meta["threshold"], scope=meta["scope"],
+                 layers_path=meta["layers_path"])
+        st.r = t["r"]  # exactly as saved (unit_direction would renormalise it again)
+        st.metrics = dict(meta.get("metrics") or {})
+        if (path / "sas.nc").is_file():
+            st.sas = load_dataset(path / "sas.nc")
+        if st.fingerprint != meta.get("fingerprint"):
+            raise ArtifactError(f"{path}: the loaded AutoSteer does not match its saved fingerprint; fit it again")
         return st
 
     def __repr__(self):

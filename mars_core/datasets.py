@@ -106,7 +106,8 @@ def dataset_provenance(analysis: str, mm: Any = None, prompt_sets: dict | None =
         else:
             texts = list(ps)
             out[f"{label}_sha256"], out[f"{label}_n"] = sha256_text(texts), len(texts)
-    out.update({k: ("" if v is None else v) for k, v in extra.items()})
+    for k, v in extra.items():  # lists/dicts as they load back (tuples become lists), so a round trip is exact
+        out[k] = "" if v is None else (json.loads(json.dumps(v, default=str)) if isinstance(v, (list, tuple, dict)) else v)
     return out
 
 

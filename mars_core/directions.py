@@ -209,6 +209,7 @@ class RefusalDirections:
         seed: int | None = None,
         dataset_names: tuple[str, str] | None = None,
         remote: bool = False,
+        progress: bool | None = None,
     ) -> "RefusalDirections":
         """Extract directions from text prompts through the nnsight collector.
 
@@ -217,7 +218,8 @@ class RefusalDirections:
         layers: decoder layers to read (default all). positions: "post" (every post-instruction
         column, the default) or what the collector accepts. seed: recorded in provenance (the
         extraction itself is deterministic; pass the seed that drew the prompt split).
-        remote: run the traces on NDIF (nnsight `remote=True`).
+        remote: run the traces on NDIF (nnsight `remote=True`). progress: a progress bar per side
+        (default: for more than a few batches).
         Returns float64 centroids/differences of shape [layer, pos, d_model].
         """
         from .capture import collect_activations  # lead's collector; imported lazily
@@ -226,7 +228,8 @@ class RefusalDirections:
         harmless = _check_prompts(harmless, "harmless")
         if batch_size < 1:
             raise InputError(f"batch_size must be >= 1, got {batch_size}.")
-        kw = dict(layers=layers, positions=positions, reduce="mean", batch_size=batch_size, remote=remote)
+        kw = dict(layers=layers, positions=positions, reduce="mean", batch_size=batch_size, remote=remote,
+                  progress=progress)
         ds_h = collect_activations(mm, harmful, **kw)
         ds_s = collect_activations(mm, harmless, **kw)
         fields: dict[str, Any] = dict(mm.provenance()) if hasattr(mm, "provenance") else {}

@@ -69,7 +69,8 @@ class MarsModel:
         tokenizer: the tokenizer (left padding).
         family: the `Family` record.
         n_layers, d_model: decoder layer count and residual width of the language backbone.
-        model_id: hub id or local path, or "config:<hash>" for an in-memory model.
+        model_id: hub id, "local:<folder name>" for a local directory, or "config:<hash>" for an
+            in-memory model (never a local absolute path).
     """
 
     def __init__(self, nn, family: Family, processor, tokenizer, model_id: str, hf=None):
@@ -106,6 +107,24 @@ class MarsModel:
     @property
     def supports_video(self) -> bool:
         return self.family.video and self.processor is not None
+
+    @property
+    def fingerprint(self) -> str:
+        """Content hash of the model for cache keys: its id and config hash, plus a hash of every
+        parameter for a model held here with at most `WEIGHT_HASH_MAX_PARAMS` parameters (so a
+        retrained or edited small model gets a new key). Larger and remote models are keyed by id,
+        config and the hub revision transformers loaded (`config._commit_hash`), when known.
+        Computed once per MarsModel: edit weights in place, and build a new MarsModel."""
+        fp = self.__dict__.get("_fingerprint")
+        if fp is None:
+            from .provenance import fingerprint
+
+            parts: dict[str, Any] = {"model_id": self.model_id, "config": self.config_hash,
+                                     "revision": str(getattr(self.nn.config, "_commit_hash", "") or "")}
+            if self.hf is not None and sum(p.numel() for p in self.hf.parameters()) <= WEIGHT_HASH_MAX_PARAMS:
+                parts["weights"] = weights_hash(self.hf)
+            fp = self.__dict__["_fingerprint"] = fingerprint(parts)
+        return fp
 
     def provenance(self) -> dict[str, Any]:
         """Model provenance fields for saved artifacts."""
@@ -282,6 +301,22 @@ _SENTINEL = "Xq7MARSUSERTEXTq7X"
 """A user text no template alters, used to find where the user turn ends (`template_suffix`)."""
 
 
+WEIGHT_HASH_MAX_PARAMS = 2_000_000_000
+"""Models up to this many parameters are keyed by a hash of their weights (`MarsModel.fingerprint`)."""
+
+
+def weights_hash(module: Any) -> str:
+    """SHA-256 (hex, 16) of every parameter and buffer of a torch module, by name, in order."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(name.encode() + str(t.dtype).encode() + str(tuple(t.shape)).encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 # -- loading ---------------------------------------------------------------------------
 def load_model(
     model_or_id: Any,
@@ -292,6 +327,7 @@ def load_model(
     device_map: str | None = None,
     remote: bool = False,
     trust_remote_code: bool = False,
+    model_id: str | None = None,
     **kwargs: Any,
 ) -> MarsModel:
     """Wrap a supported model in nnsight and return a `MarsModel`.
@@ -303,6 +339,10 @@ def load_model(
         for an in-memory model; loaded with `AutoProcessor`/`AutoTokenizer` for an id.
     family: force a registered family instead of matching `config.model_type`.
     dtype, device_map: passed to `from_pretrained` for an id (e.g. torch.bfloat16, "auto").
+    model_id: the id recorded in provenance (default: the hub id; "local:<folder name>" for a local
+        directory; "config:<hash>" for an in-memory model, never a local absolute path).
+    Offline: a hub id not in the local Hugging Face cache fails at once with an InputError (no
+        retries) when the hub cannot be reached; a cached one loads from the cache.
     remote: True runs every top-level trace of the model on NDIF (hub ids only; needs
         NDIF_API_KEY), "local" simulates that round trip in this process (any model); see
         `mars_core.remote.use_remote` and docs/ndif.md.
@@ -317,22 +357,30 @@ def load_model(
         configure(remote)  # a missing key fails here, before anything is fetched
 
     if isinstance(model_or_id, (str, os.PathLike)):
-        model_id = str(model_or_id)
-        config = transformers.AutoConfig.from_pretrained(model_id, trust_remote_code=trust_remote_code)
+        source = str(model_or_id)
+        local_dir = os.path.isdir(source)
+        offline = False if local_dir else _hub_offline(source)
+        hub = dict(trust_remote_code=trust_remote_code, **({"local_files_only": True} if offline else {}))
+        try:
+            config = transformers.AutoConfig.from_pretrained(source, **hub)
+        except (OSError, ValueError) as e:
+            raise InputError(f"cannot load the config of {source!r}: {str(e).splitlines()[0]} Give a hub id "
+                             "(org/name) or a local model directory") from None
         fam = get_family(family) if family else family_for_config(config)
         if processor is None:
-            if fam.image:
-                processor = transformers.AutoProcessor.from_pretrained(model_id, trust_remote_code=trust_remote_code)
-            else:
-                processor = transformers.AutoTokenizer.from_pretrained(model_id, trust_remote_code=trust_remote_code)
+            loader = transformers.AutoProcessor if fam.image else transformers.AutoTokenizer
+            processor = loader.from_pretrained(source, **hub)
+        model_id = model_id or (f"local:{Path(source).resolve().name}" if local_dir else source)
         tokenizer, proc = _split_processor(processor, fam, model_id)
         load_kwargs = dict(kwargs)
+        if offline:
+            load_kwargs["local_files_only"] = True
         if dtype is not None:
             load_kwargs["dtype"] = _as_dtype(dtype)
         if device_map is not None:
             load_kwargs["device_map"] = device_map
         nn = nnsight.TransformersModel(
-            model_id,
+            source,
             task="image-text-to-text" if proc is not None else "text-generation",
             processor=proc,
             tokenizer=tokenizer,
@@ -365,11 +413,52 @@ def load_model(
         processor=proc,
         tokenizer=tokenizer,
     )
-    name = getattr(hf.config, "_name_or_path", "") or ""
+    name = model_id or getattr(hf.config, "_name_or_path", "") or ""
+    if not model_id and (os.path.isabs(name) or os.path.isdir(name)):
+        name = ""  # a local path is not an id: provenance uses "config:<hash>" (pass model_id= to name it)
     mm = MarsModel(nn, fam, proc, tokenizer, name, hf=hf)
     if remote:  # NDIF refuses an in-memory model (InputError); "local" simulates
         use_remote(mm, remote)
     return mm
+
+
+_HUB_REACHABLE: dict[str, bool] = {}
+
+
+def _hub_reachable() -> bool:
+    """Whether the Hugging Face hub answers a TCP connect within 3 s (cached per process)."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return False
+    url = urlparse(constants.ENDPOINT)
+    host = url.hostname or "huggingface.co"
+    if host not in _HUB_REACHABLE:
+        try:
+            socket.create_connection((host, url.port or (443 if url.scheme == "https" else 80)), timeout=3).close()
+            _HUB_REACHABLE[host] = True
+        except OSError:
+            _HUB_REACHABLE[host] = False
+    return _HUB_REACHABLE[host]
+
+
+def _hub_offline(model_id: str) -> bool:
+    """True when the hub is unreachable and `model_id` is in the local cache (load from it);
+    InputError when it is unreachable and the model is not cached; False when online."""
+    if _hub_reachable():
+        return False
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(model_id, "config.json")
+    if isinstance(cached, str):
+        return True
+    raise InputError(
+        f"model {model_id!r} is not a local directory and not in the Hugging Face cache, and the hub cannot be "
+        "reached (offline); download it where there is network (`huggingface-cli download "
+        f"{model_id}`) and point HF_HOME at that cache, or give a local model directory")
 
 
 def _split_processor(processor, fam: Family, model_id: str):

@@ -68,6 +68,9 @@ def _get_tokenizer(tok_or_proc: Any) -> Any:
     return inner if inner is not None else tok_or_proc
 
 
+_WARNED: set = set()  # (tokenizer id, skipped strings) already warned about
+
+
 def refusal_token_ids(
     tokenizer: Any, strings: Sequence[str] = DEFAULT_REFUSAL_STARTS, with_space: bool = True
 ) -> list[int]:
@@ -75,7 +78,8 @@ def refusal_token_ids(
 
     `tokenizer` may be a processor (its `.tokenizer` is used). Special tokens are not added. If a
     tokenizer encodes the leading space as a separate whitespace-only token, the first
-    non-whitespace token is taken. Unknown-token ids are dropped with a warning.
+    non-whitespace token is taken. Strings that start with the unknown token are dropped, with
+    one warning per tokenizer that lists them all (a word-level vocabulary lacks most of them).
     """
     tok = _get_tokenizer(tokenizer)
     if isinstance(strings, str):
@@ -84,6 +88,7 @@ def refusal_token_ids(
         raise InputError("refusal_token_ids needs at least one string.")
     unk = getattr(tok, "unk_token_id", None)
     out: set[int] = set()
+    skipped: list[str] = []
     for s in strings:
         if not isinstance(s, str) or not s.strip():
             raise InputError(f"Refusal start strings must be non-empty strings, got {s!r}.")
@@ -94,9 +99,14 @@ def refusal_token_ids(
             if first is None:
                 continue
             if unk is not None and first == unk:
-                warnings.warn(f"{variant!r} starts with the unknown token; skipped.", stacklevel=2)
+                skipped.append(variant)
                 continue
             out.add(first)
+    key = (type(tok).__name__, len(tok), tuple(skipped))
+    if skipped and key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(f"refusal_token_ids: {len(skipped)} refusal starts begin with the unknown token of "
+                      f"{type(tok).__name__} and are skipped: {', '.join(map(repr, skipped))}", stacklevel=2)
     if not out:
         raise InputError(f"No refusal token ids could be derived from {list(strings)!r}.")
     return sorted(out)

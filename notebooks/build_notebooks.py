@@ -35,7 +35,7 @@ import numpy as np
 
 from mars_core import load_model, RefusalDirections
 from mars_core.organism import load_organism
-from mars_core.steering import MARS, ActAdd, NoSteer
+from mars_core.steering import MARS, ActAdd, NoSteer, fit_mars
 from analysis.suite import organism_suite
 from mars_core.steering import neutral_calibration
 
@@ -88,7 +88,7 @@ fig.tight_layout()
     md("""
 ## 3. Steering image requests
 MARS needs the modality offset, measured on *neutral* inputs only (benign requests with blank,
-solid-colour and noise images). `MARS.fit` then picks its layer from harmful *text* plus
+solid-colour and noise images). `fit_mars` then picks its layer from harmful *text* plus
 neutral images, and fits its gate (threshold, gain, trust-region margin) on *safe* prompts
 only: the most permissive gate that adds at most 5 points of first-token refusal to harmless
 text, harmless image requests and caption prompts. The fitted operator saves as one folder.
@@ -96,7 +96,7 @@ text, harmless image requests and caption prompts. The fitted operator saves as 
     code("""
 calib = neutral_calibration(mm, dirs, suite["neutral_text"], {"image": suite["neutral_image"]})
 safe = {n: suite[n] for n in ("harmless_text_train", "harmless_image_cal", "captions_cal")}
-mars = MARS.fit(mm, calib, suite["harmful_text"].texts[:32], safe, neutral={"image": suite["neutral_image"]})
+mars = fit_mars(mm, calib, suite["harmful_text"].texts[:32], safe, neutral={"image": suite["neutral_image"]})
 print(mars)
 print("layer with the initial gate:", mars.fit_info["layer_with_initial_gate"], "-> fitted:", mars.layer, mars.gate)
 mars.save("mars_organism")                       # mars.json + calibration.safetensors + selection datasets
@@ -146,12 +146,12 @@ import torch
 torch.set_num_threads(2)
 from IPython.display import Image, Markdown, display
 
-from analysis.reproduce import Settings, organism_context, run
+from analysis.reproduce import Settings, organism_study, run
 from mars_core.datasets import load_dataset
 
 OUT = Path(os.environ.get("MARS_NOTEBOOK_OUT", Path(tempfile.gettempdir()) / "mars_findings"))
-ctx = organism_context(OUT, fresh=False, settings=Settings.quick(), log=lambda m: None)
-written = run(ctx)
+study = organism_study(OUT, settings=Settings.quick(), log=lambda m: None)
+written = run(study, progress=False)
 data = {p.stem: load_dataset(p) for p in sorted((OUT / "data").glob("*.nc"))}
 sorted(data)
 """),
@@ -205,7 +205,7 @@ import os
 assert "NDIF_API_KEY" in os.environ, "export NDIF_API_KEY first"
 
 from mars_core import load_model, RefusalDirections
-from mars_core.steering import MARS, media_side, neutral_calibration
+from mars_core.steering import fit_mars, media_side, neutral_calibration
 from analysis.suite import typographic_suite
 
 MODEL = "llava-hf/llava-1.5-7b-hf"   # a supported family that NDIF hosts (see nnsight.status())
@@ -216,7 +216,7 @@ suite = typographic_suite(seed=0, image_size=media_side(mm, default=224))
 dirs = RefusalDirections.extract(mm, suite["harmful_text_train"].texts[:64], suite["harmless_text_train"].texts[:64])
 calib = neutral_calibration(mm, dirs, suite["neutral_text"], {"image": suite["neutral_image"]})
 safe = {n: suite[n] for n in ("harmless_text_train", "harmless_image_cal", "captions")}
-mars = MARS.fit(mm, calib, suite["harmful_text"].texts, safe, neutral={"image": suite["neutral_image"]})
+mars = fit_mars(mm, calib, suite["harmful_text"].texts, safe, neutral={"image": suite["neutral_image"]})
 mars.save("runs/llava15_mars")   # reuse with MARS.load("runs/llava15_mars", model=mm) or `mars steer --mars`
 h = suite["harmful_image"].subset(range(4))
 print(mars.generate(mm, h.texts, images=h.images, max_new_tokens=32))

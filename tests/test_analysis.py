@@ -430,7 +430,7 @@ def test_direction_stability_transplant_and_errors(llava):
     assert np.isfinite(v).all() and ((v >= 0) & (v <= 1)).all()
     assert v[0, 0] == v[0, 1] == v[1, 0]  # same model and direction under every name
     np.testing.assert_allclose(ds["cosine"].values, 1.0, atol=1e-12)
-    assert json.loads(ds.attrs["model_id"]) == [s.mm.model_id] * 2
+    assert ds.attrs["model_id"] == [s.mm.model_id] * 2  # attrs decode in one step
     with pytest.raises(InputError, match="empty"):
         direction_stability({})
     with pytest.raises(InputError, match="k="):
@@ -461,7 +461,7 @@ def test_evaluate_methods_and_comparison(llava, tmp_path):
     _check_schema(ds, "comparison", {"value": ("method", "metric", "bound")})
     assert ds["metric"].values.tolist() == list(METRICS) and ds["bound"].values.tolist() == ["estimate", "low", "high"]
     assert ds.attrs["harmful_image_sha256"] == ps.sha256 and ds.attrs["model_id"] == s.mm.model_id
-    assert ds.attrs["seed"] == "" and ds.attrs["bootstrap_seed"] == 1 and json.loads(ds.attrs["n_prompts"])["none"] == {
+    assert ds.attrs["seed"] == "" and ds.attrs["bootstrap_seed"] == 1 and ds.attrs["n_prompts"]["none"] == {
         "harmful_text": 3, "harmful_image": 2, "caption_accuracy": 2}
     v = ds["value"]
     est = v.sel({"method": "none", "metric": "harmful_text", "bound": "estimate"})

@@ -6,7 +6,7 @@ import sys
 import pytest
 
 import mars_core
-from mars_core.cli import main
+from analysis.cli import main
 
 
 def test_version_and_help(capsys):
@@ -26,7 +26,7 @@ def test_console_script_is_installed():
          "print([x.value for x in e(group='console_scripts') if x.name == 'mars'])"],
         capture_output=True, text=True, check=True,
     ).stdout
-    assert "mars_core.cli:main" in out
+    assert "analysis.cli:main" in out
 
 
 def test_smoke_runs(capsys):

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-import mars_core.evaluate as ev
+import analysis.evaluate as ev
 from mars_core.datasets import load_dataset
 from analysis.reproduce import Settings
 from mars_core import InputError
@@ -16,7 +16,7 @@ from mars_core.benchmarks.fixtures import write_fixture
 from mars_core.benchmarks.media import load_image, load_video
 from mars_core.benchmarks.records import Record
 from mars_core.benchmarks.registry import load_benchmark
-from mars_core.cli import main
+from analysis.cli import main
 from mars_core.judges import Verdict
 from mars_core.model import load_model
 from mars_core.organism import load_organism
@@ -122,6 +122,13 @@ def test_organism_rejects_video_and_bad_inputs(bench, tmp_path, capsys):
         assert msg in capsys.readouterr().err, argv
 
 
+def _calibrated_modalities(out):
+    from mars_core.steering import MarsCalibration
+
+    (f,) = (out / ".mars_cache").glob("calibration-*.safetensors")
+    return set(MarsCalibration.load(f).modalities)
+
+
 # ---------------------------------------------------------------------- tiny video model
 def test_video_family_end_to_end(bench, tmp_path, capsys):
     out = tmp_path / "video"
@@ -133,10 +140,10 @@ def test_video_family_end_to_end(bench, tmp_path, capsys):
     assert ds.attrs["model_id"] == "tiny:llava_next_video" and ds.attrs["family"] == "llava_next_video"
     assert set(ds["modality"].sel(benchmark="video_safetybench").values) == {"video"}
     assert list(ds["kind"].values) == ["video_safety", "utility"]
-    steerers = json.loads(ds.attrs["steerers"])
+    steerers = ds.attrs["steerers"]
     assert "recenter=True" in steerers["mars"] and "AutoSteer" in steerers["autosteer"]
     # MARS with re-centering ran on video: the calibration gained a video offset
-    assert any(p.name.startswith("calibration_video-") for p in (out / ".mars_cache").iterdir())
+    assert _calibrated_modalities(out) == {"image", "video"}
     recs = load_benchmark("video_safetybench", bench["video_safetybench"], limit=3)
     tiny = build_tiny("llava_next_video")
     mm = load_model(tiny.model, tiny.processor)
@@ -155,7 +162,7 @@ def test_video_organism_end_to_end(bench, tmp_path, capsys):
     assert rc == 0, capsys.readouterr().err
     ds = load_dataset(out / "data" / "evaluate.nc")
     assert ds.attrs["model_id"] == "mars-organism/video" and ds.attrs["family"] == "video_llava"
-    assert any(p.name.startswith("calibration_video-") for p in (out / ".mars_cache").iterdir())
+    assert _calibrated_modalities(out) == {"image", "video"}
     vmm = load_model(*load_organism("video"))
     recs = load_benchmark("video_safetybench", bench["video_safetybench"], limit=3)
     direct = NoSteer().generate(vmm, [r.text for r in recs], videos=[load_video(r.video, 4) for r in recs],
@@ -297,7 +304,7 @@ def test_progress_bar_and_record_inputs(tiny_llava, tmp_path, capsys):
     res = ev.evaluate(tiny_llava, "none", {"toy": recs}, out=tmp_path, settings=Settings.quick(),
                       log=lambda m: None)
     assert "evaluate: 100%" in capsys.readouterr().err
-    assert json.loads(res.dataset.attrs["benchmark_sources"]) == {"toy": "records"}
+    assert res.dataset.attrs["benchmark_sources"] == {"toy": "records"}
     with pytest.raises(InputError, match="not unique"):
         ev.evaluate(tiny_llava, "none", {"toy": recs * 2}, out=tmp_path, **QUIET)
     with pytest.raises(InputError, match="no benchmarks"):
@@ -347,9 +354,15 @@ def test_evaluate_builds_the_direction_from_given_text_sets(tiny_llava, tmp_path
 
     adv, alp = _advbench_alpaca(tmp_path)
     recs = [Record("x", "toy", "What is in this image?", image=make_image(seed=1), harmful=False)]
+    # first with the built-in suite, then with the given sets in the SAME output folder: the direction
+    # changes, so the calibration and the fitted MARS that read it must not be reused (they once were)
+    ev.evaluate(tiny_llava, ["none", "mars"], {"toy": recs}, out=tmp_path / "run", settings=Settings.quick(), **QUIET)
+    before = {p.name for p in (tmp_path / "run" / ".mars_cache").iterdir()}
     ev.evaluate(tiny_llava, ["none", "mars"], {"toy": recs}, out=tmp_path / "run", settings=Settings.quick(),
                 harmful_texts={"advbench": adv}, harmless_texts={"alpaca": alp}, **QUIET)
-    (f,) = (tmp_path / "run" / ".mars_cache").glob("directions-*.safetensors")
+    new = {p.name for p in (tmp_path / "run" / ".mars_cache").iterdir()} - before
+    assert {n.split("-")[0] for n in new} >= {"directions", "calibration", "mars"}
+    (f,) = [tmp_path / "run" / ".mars_cache" / n for n in new if n.startswith("directions-")]
     prov = RefusalDirections.load(f, model=tiny_llava).provenance
     from mars_core.benchmarks import load_text_set
 

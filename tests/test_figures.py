@@ -159,12 +159,20 @@ def test_missing_variable_is_a_clear_error(data):
         P.plot_stability(data["alignment"])
 
 
-def test_plot_dataset_writes_every_figure(data, tmp_path):
-    paths = [p for ds in data.values() for p in P.plot_dataset(ds, tmp_path)]
-    assert paths and all(p.is_file() for p in paths)
-    assert {p.stem for p in paths} == {"alignment", "refusal_heatmap_actadd_harmful",
-                                       "refusal_heatmap_actadd_harmless", "refusal_curves",
-                                       "spurious", "stability", "comparison"}
+def test_figure_set_writes_every_figure_named_after_its_dataset(data, tmp_path):
+    from analysis.figure_set import write_all
+
+    named = {"alignment": data["alignment"], "refusal_curves": data["curves"], "spurious_refusal": data["spurious"],
+             "stability": data["stability"], "comparison": data["comparison"],
+             "spurious_offset_variant": data["spurious"], "comparison_offset_variant": data["comparison"]}
+    paths = write_all(named, tmp_path)
+    assert paths and all(p.is_file() for p in paths.values())
+    assert {p.stem for p in paths.values()} == {
+        "alignment", "refusal_heatmap_actadd_harmful", "refusal_heatmap_actadd_harmless", "refusal_curves",
+        "spurious", "stability", "comparison", "spurious_offset_variant", "comparison_offset_variant"}
+    # a variant's comparison never overwrites the main one (it once did: `mars figures` wrote it last)
+    assert paths["figure:comparison.png"] != paths["figure:comparison_offset_variant.png"]
+    assert (tmp_path / "comparison.md").is_file() and (tmp_path / "comparison_offset_variant.md").is_file()
 
 
 def test_wilson_interval():

@@ -247,7 +247,7 @@ from nnsight.tracing.util import push as _nn_push
 
 from mars_core import InputError, collect_activations
 from mars_core import remote as mremote
-from mars_core.cli import build_parser, main
+from analysis.cli import build_parser, main
 from mars_core.scoring import last_logits_many, refusal_scores_many, refusal_token_ids
 from mars_core.steering import calibrate_mars
 

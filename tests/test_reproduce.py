@@ -1,104 +1,133 @@
-"""`mars reproduce` on the shipped organism: artifacts, and resuming after an interruption."""
+"""`mars reproduce` on the shipped organism: artifacts, resuming after an interruption, steps keyed
+by what they read, and `mars figures` writing exactly the figure set of `mars reproduce`."""
 
+import dataclasses
+import functools
 import json
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import analysis.reproduce as rp
+from analysis.cache import StepCache
+from analysis.graph import Step, check_graph, dependents, run_steps
+from analysis.steps import STEPS, variant_steps
 from mars_core.datasets import load_dataset
+
+QUICK = rp.Settings.quick(curve_layers=(1, 2))
+
+
+def _with_fn(steps, name, fn):
+    return [dataclasses.replace(s, fn=fn) if s.name == name else s for s in steps]
 
 
 @pytest.mark.slow
-def test_interrupted_run_resumes_without_recomputing(tmp_path, monkeypatch):
-    st = rp.Settings.quick()
-    st.curve_layers = (1, 2)
+def test_interrupted_run_resumes_without_recomputing(tmp_path):
+    real = next(s.fn for s in STEPS if s.name == "comparison")
 
+    @functools.wraps(real)  # same parameters: the graph passes exactly what comparison reads
     def boom(*a, **k):
         raise KeyboardInterrupt("killed midway")
 
-    real_comparison = rp.step_comparison
-    monkeypatch.setattr(rp, "step_comparison", boom)
-    ctx = rp.organism_context(tmp_path, fresh=False, settings=st, log=lambda m: None)
+    study = rp.organism_study(tmp_path, settings=QUICK, log=lambda m: None)
+    study.steps = _with_fn(study.steps, "comparison", boom)
     with pytest.raises(KeyboardInterrupt):
-        rp.run(ctx)
-    first = [(name, how) for name, how, _ in ctx.cache.events]
+        rp.run(study, progress=False)
+    first = [(name, how) for name, how, _ in study.cache.events]
     assert first and all(how == "computed" for _, how in first)
     assert "comparison" not in {n for n, _ in first}
+    assert not list(tmp_path.glob(".mars_cache/.*tmp"))  # nothing half-written under a cache name
 
-    monkeypatch.setattr(rp, "step_comparison", real_comparison)
-    ctx2 = rp.organism_context(tmp_path, fresh=False, settings=st, log=lambda m: None)
-    written = rp.run(ctx2)
-    second = {name: how for name, how, _ in ctx2.cache.events}
+    study2 = rp.organism_study(tmp_path, settings=QUICK, log=lambda m: None)
+    written = rp.run(study2, progress=False)
+    second = {name: how for name, how, _ in study2.cache.events}
     assert all(second[n] == "reused" for n, _ in first)  # nothing finished is recomputed
-    assert second["comparison"] == "computed"
-    assert second["spurious_offset"] == second["comparison_offset"] == "computed"
+    assert second["comparison"] == "computed" and second["variant_offset_study"] == "computed"
 
-    # every dataset and figure of the study, with the contract's dims and provenance
+    # every dataset of the study, with the contract's dims and full provenance
     for name, dims in {
         "alignment": {"layer", "modality"},
         "refusal_curves": {"method", "modality", "prompt_set", "layer", "strength", "prompt"},
         "spurious_refusal": {"recenter", "strength", "modality", "prompt"},
         "stability": {"checkpoint", "checkpoint_b", "layer", "k"},
         "comparison": {"method", "metric", "bound"},
+        "mars_layer_selection": {"layer", "modality"},
+        "mars_gate": {"set", "tau", "gain", "margin"},
     }.items():
         ds = load_dataset(written[name])
         assert dims <= set(ds.dims), name
-        assert ds.attrs["mars_version"] and ds.attrs["created"]
+        for key in ("mars_version", "created", "model_id", "analysis"):
+            assert ds.attrs[key] != "", (name, key)
+        assert not str(ds.attrs["model_id"]).startswith("/"), (name, ds.attrs["model_id"])
+        for v in ds.data_vars:
+            assert ds[v].attrs.get("long_name"), (name, v)
     assert "mars_no_recenter" in load_dataset(written["comparison_offset_variant"])["method"].values
-    for fig in ("alignment", "refusal_curves", "spurious", "stability", "comparison", "spurious_offset_variant"):
-        assert f"figure:{fig}.png" in written and f"figure:{fig}.pdf" in written
-    table = json.loads(written["comparison.json"].read_text())
-    assert table  # the JSON table is non-empty
-    assert "| mars |" in written["comparison.md"].read_text()
-    # the organism card's per-seed table of the package's MARS reads these files
-    from mars_core.organism.ship import package_mars_table
+    # the fitted MARS is one artifact: it loads as the operator the comparison used
+    from mars_core.steering import MARS
 
-    card = package_mars_table([tmp_path], ["run"]).splitlines()
-    sel, cmp = load_dataset(written["mars_layer_selection"]), load_dataset(written["comparison"])
-    assert card[2] == f"| MARS layer (`select_mars_layer`) | {int(sel.attrs['selected_layer'])} |"
-    mars_hi = cmp["value"].sel({"method": "mars", "metric": "harmless_image"}).values
-    assert f"| MARS: harmless-image refusal | {mars_hi[0]:.2f} [{mars_hi[1]:.2f}, {mars_hi[2]:.2f}] |" in card
+    op = MARS.load(written["mars"])
+    cmp = load_dataset(written["comparison"])
+    assert cmp.attrs["layer"] == op.layer and cmp.attrs["mars_gate"] == op.gate
+    table = json.loads(written["comparison.json"].read_text())
+    assert table["methods"][0] == "none" and "| mars |" in written["comparison.md"].read_text()
+
+    # `mars figures` on the same output writes exactly the same figure and table files
+    from analysis.cli import main
+
+    figs = tmp_path / "figures"
+    made = {p.name for p in figs.iterdir()}
+    assert {f"{n}.png" for n in ("alignment", "refusal_curves", "spurious", "stability", "comparison",
+                                 "spurious_offset_variant", "comparison_offset_variant", "mars_layer_selection")} <= made
+    for p in figs.iterdir():
+        p.unlink()
+    assert main(["figures", "--out", str(tmp_path)]) == 0
+    assert {p.name for p in figs.iterdir()} == made
 
     # --fresh recomputes everything
-    ctx3 = rp.organism_context(tmp_path, fresh=True, settings=st, log=lambda m: None)
-    rp.run(ctx3, figures=False)
-    assert all(how == "computed" for _, how, _ in ctx3.cache.events)
+    study3 = rp.organism_study(tmp_path, fresh=True, settings=QUICK, log=lambda m: None)
+    rp.run(study3, figures=False, progress=False)
+    assert all(how == "computed" for _, how, _ in study3.cache.events)
 
 
-def test_organism_context_on_a_training_run_folder(tmp_path):
-    """`mars reproduce --model organism:RUN_DIR`: the run's stage3 is the model, its other stage
-    folders are the stability checkpoints; a folder that is not a run is refused with the fix."""
+def test_organism_study_on_a_training_run_folder(tmp_path):
+    """`--model organism:RUN_DIR`: the run's stage3 is the model, its other stage folders are the
+    stability checkpoints; a folder that is not a run is refused with the fix."""
     import shutil
 
-    from mars_core.errors import InputError
+    from mars_core.errors import ArtifactError, InputError
     from mars_core.organism.load import WEIGHTS, weights_dir
 
     run = tmp_path / "run"
     shutil.copytree(weights_dir("natural"), run / "stage3")
     shutil.copytree(WEIGHTS / "checkpoints" / "stage1", run / "stage1")
-    st = rp.Settings.quick()
-    ctx = rp.organism_context(tmp_path / "out", fresh=False, settings=st, log=lambda m: None, run_dir=run)
-    shipped = rp.organism_context(tmp_path / "out2", fresh=False, settings=st, log=lambda m: None)
-    assert ctx.model_key.split(":")[-1] == shipped.model_key.split(":")[-1]  # same weights hash
-    assert ctx.mm.model_id == "mars-organism/run:run"
-    assert set(ctx.checkpoints) == {"stage1", "stage3"} and not ctx.variants
-    assert set(shipped.checkpoints) == {"stage1", "stage2", "stage3", "stage4_extra"} and "offset" in shipped.variants
+    study = rp.model_study(f"organism:{run}", tmp_path / "out", settings=QUICK, log=lambda m: None)
+    shipped = rp.model_study("organism", tmp_path / "out2", settings=QUICK, log=lambda m: None)
+    mm = study.sources["mm"]
+    assert mm.model_id == "mars-organism/run:run"
+    assert set(study.sources["checkpoints"]) == {"stage1", "stage3"} and "variant_offset" not in study.sources
+    assert set(shipped.sources["checkpoints"]) == {"stage1", "stage2", "stage3", "stage4_extra"}
+    assert "variant_offset" in shipped.sources
+    # the run's stage3 is the shipped natural checkpoint: same weights, so the same checkpoint key
+    assert study.sources["checkpoints"]["stage3"].fingerprint == shipped.sources["checkpoints"]["stage3"].fingerprint
     with pytest.raises(InputError, match="not an organism training run"):
-        rp.organism_context(tmp_path / "out", fresh=False, settings=st, log=lambda m: None, run_dir=tmp_path / "out")
-    # `--model organism:X` (mars reproduce / analyze / evaluate) resolves X the same way everywhere:
-    # a run folder, else a named variant
-    from mars_core.errors import ArtifactError
-    from mars_core.evaluate import model_context
-
-    via_cli = model_context(f"organism:{run}", tmp_path / "out3", fresh=False, settings=st, log=lambda m: None)
-    assert via_cli.model_key == ctx.model_key and set(via_cli.checkpoints) == {"stage1", "stage3"}
+        rp.model_study(f"organism:{run / 'stage1'}", tmp_path / "o", settings=QUICK, log=lambda m: None)
     with pytest.raises(ArtifactError, match="no shipped organism variant 'nope'"):
-        model_context("organism:nope", tmp_path / "out4", fresh=False, settings=st, log=lambda m: None)
+        rp.model_study("organism:nope", tmp_path / "o", settings=QUICK, log=lambda m: None)
+
+
+def test_settings_are_immutable():
+    s = rp.Settings()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        s.mars_tau = 0.3
+    assert dataclasses.replace(s, mars_tau=0.3).mars_gate == {"tau": 0.3, "gain": None, "margin": None}
+    assert s.mars_gate == {"tau": None, "gain": None, "margin": None}
 
 
 def test_gate_is_refitted_with_its_full_grids_when_the_layer_moves(monkeypatch):
     """One layer/gate alternation (`fit_mars`): the second fit (after the layer moved) searches the
     same free parts as the first, not just the values the first fit chose."""
+    import torch
     import xarray as xr
 
     import mars_core.steering.fit as fit_mod
@@ -123,8 +152,6 @@ def test_gate_is_refitted_with_its_full_grids_when_the_layer_moves(monkeypatch):
             return int(layer)
 
         def at(self, layer):
-            import torch
-
             return {"r": torch.ones(4) / 2, "p_harm": 1.0, "p_safe": 0.0, "offsets": {}}
 
     monkeypatch.setattr(fit_mod, "select_mars_layer", fake_layer)
@@ -142,3 +169,87 @@ def test_gate_is_refitted_with_its_full_grids_when_the_layer_moves(monkeypatch):
     op = fit_mod.fit_mars(None, Calib(), ["how do I make a bomb?"], safe, gate={"tau": 0.3})
     assert [c[1] for c in calls] == [[0.3], [0.3]] and calls[1][2] == list(DEFAULT_GAINS)
     assert op.tau == 0.3 and op.fit_info["gate_fixed"] == {"tau": 0.3}
+
+
+# ---------------------------------------------------------------------------- steps keyed by their reads
+GRAPH = STEPS + variant_steps("offset")
+
+
+@pytest.fixture(scope="module")
+def organism_sources(tmp_path_factory):
+    return rp.organism_study(tmp_path_factory.mktemp("src"), settings=QUICK, log=lambda m: None).sources
+
+
+def test_every_step_reads_only_its_parameters_and_known_values(organism_sources):
+    """A step's inputs are its function's parameters (nothing else reaches it), and every value it
+    reads is a source the study builds or an earlier step."""
+    check_graph(GRAPH, organism_sources)
+    for s in GRAPH:
+        assert s.params and len(set(s.reads)) == len(s.reads), s.name
+    read = {r for s in GRAPH for r in s.reads}
+    assert read - {s.name for s in GRAPH} <= set(organism_sources)
+
+
+class _Fake:
+    """A step output whose content is the fingerprint of what the step read."""
+
+    def __init__(self, fp):
+        self.fingerprint = fp
+
+
+def _fake_steps(calls):
+    def make(step):
+        @functools.wraps(step.fn)
+        def fn(**kw):
+            from mars_core.provenance import fingerprint
+
+            calls.append(step.name)
+            return _Fake(fingerprint(kw))
+
+        return dataclasses.replace(step, fn=fn, write=lambda v, p: p.write_text(v.fingerprint),
+                                   read=lambda p, reads: _Fake(p.read_text()))
+    return [make(s) for s in GRAPH]
+
+
+class _Changed:
+    def __init__(self, name):
+        self.fingerprint = f"changed {name}"
+
+
+SOURCE_NAMES = sorted({r for s in GRAPH for r in s.reads} - {s.name for s in GRAPH})
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(changed=st.sets(st.sampled_from(SOURCE_NAMES), min_size=1, max_size=4))
+def test_changing_inputs_reruns_exactly_the_dependent_steps(changed, organism_sources, tmp_path_factory):
+    """Change any inputs (model weights, a prompt set, a setting, ...): exactly the steps that read
+    them, directly or through other steps, run again; all others are reused from the cache."""
+    root = tmp_path_factory.mktemp("cache")
+    calls: list[str] = []
+    steps = _fake_steps(calls)
+    run_steps(steps, organism_sources, StepCache(root))
+    assert sorted(calls) == sorted(s.name for s in GRAPH)
+    calls.clear()
+    new = {**organism_sources, **{n: _Changed(n) for n in changed}}
+    run_steps(steps, new, StepCache(root))
+    assert set(calls) == dependents(GRAPH, changed)
+    assert set(calls) == {s.name for s in GRAPH if set(s.reads) & (set(changed) | set(calls))}
+
+
+def test_swapping_the_direction_sets_recomputes_the_calibration(tmp_path):
+    """The bug this graph fixes: calibration (and everything after it) read the directions but were
+    keyed without them, so `mars evaluate --harmful/--harmless` reused a calibration of the old
+    direction in the same output folder."""
+    study = rp.organism_study(tmp_path, settings=QUICK, log=lambda m: None)
+    run_steps(study.steps, study.sources, study.cache, targets=["calibration"])
+    src = dict(study.sources)
+    src["harmful_text_train"] = src["harmful_text_train"].subset(range(0, len(src["harmful_text_train"]), 2))
+    cache = StepCache(tmp_path / ".mars_cache")
+    v = run_steps(study.steps, src, cache, targets=["calibration"])
+    assert [(n, how) for n, how, _ in cache.events] == [("directions", "computed"), ("calibration", "computed")]
+    assert v["calibration"].fingerprint != run_steps(study.steps, study.sources, StepCache(tmp_path / ".mars_cache"),
+                                                     targets=["calibration"])["calibration"].fingerprint
+    # and an unchanged rerun reuses both
+    again = StepCache(tmp_path / ".mars_cache")
+    run_steps(study.steps, src, again, targets=["calibration"])
+    assert [how for _, how, _ in again.events] == ["reused", "reused"]

@@ -32,12 +32,18 @@ __all__ = [
 ]
 
 
-def load_organism(variant: str = "natural", **kw):
-    """Load the shipped organism (``"natural"``, ``"offset"``) or build ``"video"``: returns
-    ``(model, processor)``. See :mod:`.load`."""
-    from .load import load_organism as _load
+def load_organism(variant: str = "natural", dtype=None):
+    """``(model, processor)`` of a variant: ``"natural"`` or ``"offset"`` (shipped weights,
+    :func:`.load.load_shipped`), or ``"video"``: the natural organism transplanted into
+    ``VideoLlavaForConditionalGeneration`` (image and video input; built in well under a second,
+    zero-shot, :mod:`.video`)."""
+    if variant == "video":
+        from .video import build_video_organism
 
-    return _load(variant, **kw)
+        return build_video_organism("natural", dtype=dtype)
+    from .load import load_shipped
+
+    return load_shipped(variant, dtype=dtype)
 
 
 def build_video_organism(variant: str = "natural", **kw):

@@ -1,8 +1,9 @@
 """Load the shipped organism (offline, instant).
 
-Variants: ``"natural"`` and ``"offset"`` are shipped weight folders (``VARIANTS``); ``"video"``
-(``BUILT_VARIANTS``) is built on the fly from the natural weights by
-:func:`mars_core.organism.video.build_video_organism` (a Video-LLaVA transplant, no weight files).
+Variants: ``"natural"`` and ``"offset"`` are shipped weight folders (``VARIANTS``, `load_shipped`);
+``"video"`` (``BUILT_VARIANTS``) is built on the fly from the natural weights by
+:func:`mars_core.organism.video.build_video_organism` (a Video-LLaVA transplant, no weight files);
+`mars_core.organism.load_organism` dispatches between them.
 """
 
 from __future__ import annotations
@@ -47,17 +48,9 @@ def load_checkpoint(path, dtype=None):
     return model.eval(), proc
 
 
-def load_organism(variant: str = "natural", dtype=None):
-    """``(model, processor)`` of a variant: ``"natural"`` or ``"offset"`` (shipped weights), or
-    ``"video"``: the natural organism transplanted into ``VideoLlavaForConditionalGeneration``
-    (image and video input; built in well under a second, zero-shot, see
-    :mod:`mars_core.organism.video`).
+def load_shipped(variant: str = "natural", dtype=None):
+    """``(model, processor)`` of a shipped weight folder: ``"natural"`` or ``"offset"``.
 
-    See ``weights/<variant>/MODEL_CARD.md`` for the recipe and the measured behaviour table (the
-    video transplant's numbers are in the natural card's Video section).
+    See ``weights/<variant>/MODEL_CARD.md`` for the recipe and the measured behaviour tables.
     """
-    if variant == "video":
-        from .video import build_video_organism
-
-        return build_video_organism("natural", dtype=dtype)
     return load_checkpoint(weights_dir(variant), dtype=dtype)

@@ -5,7 +5,7 @@ Modules, one concern each:
   base         the `Steerer` interface, its shared read-edit-record step, steered generation
   baselines    `NoSteer`, `ActAdd`, `DirectionalAblation` (+ the nnsight edits `ablate_direction`,
                `add_vector`)
-  mars         `MARS` (the operator; `MARS.fit`, `save`, `load`)
+  mars         `MARS` (the operator; `save`, `load`)
   calibration  `MarsCalibration`, `neutral_calibration` (the one measuring path), `calibrate_mars`
   neutral      generated object-less inputs (`neutral_sets`, `media_side`)
   sweep        `first_token_sweep` (many steerers on one batch, prompt cache reused)

@@ -1,12 +1,12 @@
 """MARS, the modality-agnostic refusal-steering operator, and its saved form (one file set).
 
-    mars = MARS.fit(mm, calib, harmful_texts, safe_sets)     # layer and gate from text and safe data
+    mars = fit_mars(mm, calib, harmful_texts, safe_sets)     # layer and gate from text and safe data
     mars.save("runs/llava/mars")                             # mars.json + calibration.safetensors (+ fit .nc)
     mars = MARS.load("runs/llava/mars", model=mm)            # the same operator, bit for bit
 
 `MARS(calibration, layer, ...)` builds the operator with the given settings; its defaults (tau
-0.5, gain 2, margin 0.5) are not fitted to any model: documented paths fit them (`MARS.fit`,
-`mars_core.steering.fit.fit_mars`) or load a fitted operator.
+0.5, gain 2, margin 0.5) are not fitted to any model: documented paths fit them
+(`mars_core.steering.fit_mars`) or load a fitted operator (`MARS.load`).
 """
 
 from __future__ import annotations
@@ -86,8 +86,8 @@ class MARS(Steerer):
         self.gain, self.gain_units, self.tau = float(gain), gain_units, float(tau)
         self.margin, self.alpha = float(margin), float(alpha)
         self.layers_path = layers_path or calibration.layers_path
-        self.selection = None  # xarray Dataset: how the layer was chosen (MARS.fit)
-        self.gate_selection = None  # xarray Dataset: how the gate was chosen (MARS.fit)
+        self.selection = None  # xarray Dataset: how the layer was chosen (fit_mars)
+        self.gate_selection = None  # xarray Dataset: how the gate was chosen (fit_mars)
         self.fit_info: dict[str, Any] = {}
 
     # -- settings -----------------------------------------------------------------------------
@@ -151,14 +151,6 @@ class MARS(Steerer):
         edit_last(layers_of(mm, self.layers_path), self.layer, fn, record)
 
     # -- fitting and persistence -----------------------------------------------------------
-    @classmethod
-    def fit(cls, mm: Any, calibration: MarsCalibration, harmful_texts, safe_sets, **kwargs) -> "MARS":
-        """MARS with its layer and gate fitted from harmful TEXT prompts, neutral inputs and safe
-        prompt sets only (`mars_core.steering.fit.fit_mars`, whose keywords this takes)."""
-        from .fit import fit_mars
-
-        return fit_mars(mm, calibration, harmful_texts, safe_sets, **kwargs)
-
     def save(self, path: str | os.PathLike) -> Path:
         """Write the operator as one folder: `mars.json` (settings, layer, how it was fitted,
         provenance), `calibration.safetensors` (bit-exact tensors) and, for a fitted operator,

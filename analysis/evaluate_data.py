@@ -1,4 +1,4 @@
-"""The Dataset and Markdown table of `mars evaluate` (`mars_core.evaluate`).
+"""The Dataset and Markdown table of `mars evaluate` (`analysis.evaluate`).
 
 Dataset (analysis "evaluate"; saved with `mars_core.datasets` as OUT/data/evaluate.nc):
 
@@ -65,7 +65,7 @@ def build_dataset(results: Mapping[Any, dict], recs: Mapping[str, list], methods
                   kinds: Mapping[str, str], judge: Any, mm: Any = None,
                   extra_attrs: Mapping[str, Any] | None = None) -> xr.Dataset:
     """The evaluate Dataset (module docstring) from shard results {Shard: shard dict}."""
-    from analysis._common import analysis_provenance, attach_coord_attrs, var
+    from ._common import dataset_provenance, attach_coord_attrs, var
 
     benches = list(recs)
     M, B = len(methods), len(benches)
@@ -137,7 +137,7 @@ def build_dataset(results: Mapping[Any, dict], recs: Mapping[str, list], methods
         "kind": (("benchmark",), np.asarray([kinds[n] for n in benches], dtype=str)),
         "n_prompts": (("benchmark",), np.asarray([len(recs[n]) for n in benches], dtype=np.int64)),
     }
-    attrs = analysis_provenance("evaluate", mm, None, judge=judge.name, judge_safety=safety,
+    attrs = dataset_provenance("evaluate", mm, None, judge=judge.name, judge_safety=safety,
                                 asr_basis=basis, **{k: v for k, v in (extra_attrs or {}).items() if k != "seed"},
                                 seed=(extra_attrs or {}).get("seed"))
     ds = xr.Dataset(data_vars, coords=coords, attrs=attrs)

@@ -1,4 +1,4 @@
-"""`mars evaluate`: methods x benchmarks on one model (`mars_core.evaluate`).
+"""`mars evaluate`: methods x benchmarks on one model (`analysis.evaluate`).
 
   mars evaluate --benchmark figstep=data/FigStep --benchmark mm_vet=data/mm-vet \\
                 [--model ID | organism:video | tiny:FAMILY] [--methods none,actadd,mars] [--judge substring]
@@ -22,10 +22,11 @@ OUT/.mars_cache/evaluate/, so an interrupted run resumes.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import InputError
+from mars_core.errors import InputError
 
 
 def _pairs(items: list[str] | None, what: str, form: str) -> dict[str, str]:
@@ -52,42 +53,30 @@ def _options(items: list[str] | None) -> dict[str, dict[str, str]]:
 
 def _judge(spec: str) -> Any:
     if spec.startswith("guard:"):
-        from .judges import GuardJudge
+        from mars_core.judges import GuardJudge
 
         return GuardJudge.from_pretrained(spec[len("guard:"):])
     return spec  # "substring" / "first_token"; anything else is rejected by as_verdict_judge
 
 
-def _model(args) -> Any:
-    if args.model and args.model.startswith("tiny:"):
-        from .model import load_model
-        from .testing import build_tiny
-
-        try:
-            tiny = build_tiny(args.model[len("tiny:"):], seed=args.seed)
-        except ValueError as e:
-            raise InputError(str(e)) from None
-        mm = load_model(tiny.model, tiny.processor or tiny.tokenizer)
-        mm.model_id = args.model
-        return mm
-    return args.model or "organism"
-
-
 def run(args) -> int:
-    from analysis.reproduce import Settings
+    from .reproduce import Settings
 
     from .evaluate import evaluate
-    from .remote import remote_from_args
+    from mars_core.remote import remote_from_args
+
+    from .cli import _quiet_libraries, check_writable
 
     mode = remote_from_args(args)  # checks the key and the model id before anything loads
-    st = Settings.quick() if args.quick else Settings()
-    st.seed = args.seed
+    check_writable(args.out)
+    _quiet_libraries()
+    st = dataclasses.replace(Settings.quick() if args.quick else Settings(), seed=args.seed)
     benchmarks = _pairs(args.benchmark, "--benchmark", "NAME=PATH (e.g. figstep=data/FigStep)")
     if not benchmarks:
         raise InputError("give at least one --benchmark NAME=PATH")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     res = evaluate(
-        _model(args), methods, benchmarks, out=Path(args.out), judge=_judge(args.judge), limit=args.limit,
+        args.model or "organism", methods, benchmarks, out=Path(args.out), judge=_judge(args.judge), limit=args.limit,
         options=_options(args.option), chunk_size=args.chunk_size, max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size, num_frames=args.num_frames, settings=st, fresh=args.fresh,
         progress=not args.no_progress, dtype=args.dtype, device_map=args.device_map, remote=mode,

@@ -2,7 +2,7 @@
 
     res = evaluate("organism", ["none", "mars"], {"figstep": "data/FigStep", "mm_vet": "data/mm-vet"},
                    out="runs/eval", limit=50)
-    res.dataset      # xarray Dataset (mars_core.evaluate_data), also OUT/data/evaluate.nc
+    res.dataset      # xarray Dataset (analysis.evaluate_data), also OUT/data/evaluate.nc
     res.table        # the paper-style Markdown table, also OUT/figures/evaluate.md
 
 1. Benchmarks are `{name: path}` loaded with `mars_core.benchmarks.registry.load_benchmark`
@@ -21,7 +21,7 @@
    determines it (model, method settings, direction sets, the chunk's texts and media pixels,
    judge, decoding length). A rerun after an interruption loads finished shards and computes
    only the missing ones; `fresh=True` recomputes all.
-4. The verdicts go into one labelled Dataset and a Markdown table (`mars_core.evaluate_data`).
+4. The verdicts go into one labelled Dataset and a Markdown table (`analysis.evaluate_data`).
 """
 
 from __future__ import annotations
@@ -36,15 +36,12 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from .errors import InputError
+from mars_core.errors import InputError
 from .evaluate_data import reference_match
 
-__all__ = ["METHODS", "EvalResult", "evaluate", "load_benchmarks", "model_context", "reference_match", "Shard",
-           "with_direction_sets"]
+from .steps import METHODS
 
-METHODS = ("none", "actadd", "actadd_all_tokens", "autosteer", "mars", "mars_no_recenter", "mars_fixed_strength",
-           "mars_given_layer", "mars_all_tokens")
-"""Method names (as in `mars reproduce`'s comparison; `analysis.reproduce.comparison_steerers`)."""
+__all__ = ["METHODS", "EvalResult", "evaluate", "load_benchmarks", "reference_match", "Shard", "with_direction_sets"]
 
 
 @dataclass
@@ -76,8 +73,8 @@ class Shard:
 # ------------------------------------------------------------------------------ inputs
 def _text_records(sets: Mapping[str, Any], side: str) -> list:
     """Records of {name: path (a `TEXT_SETS` loader) or [Record]}, concatenated."""
-    from .benchmarks.records import Record
-    from .benchmarks.text_sets import load_text_set
+    from mars_core.benchmarks.records import Record
+    from mars_core.benchmarks.text_sets import load_text_set
 
     out: list = []
     for name, src in sets.items():
@@ -94,7 +91,7 @@ def with_direction_sets(suite: dict, harmful: Sequence[Any], harmless: Sequence[
     paper's protocol: e.g. AdvBench vs Alpaca): `harmful/harmless_text_train` (the difference of
     means) and a disjoint held-out `harmful/harmless_text` (`heldout` of each side; layer and
     direction selection), split with `default_rng(seed)`. Other sets are kept."""
-    from .benchmarks.text_splits import balanced_pair
+    from mars_core.benchmarks.text_splits import balanced_pair
 
     hp, lp = balanced_pair(harmful, harmless, seed=seed, names=("harmful_text", "harmless_text"))
     n = len(hp)
@@ -114,7 +111,7 @@ def with_direction_sets(suite: dict, harmful: Sequence[Any], harmless: Sequence[
 def load_benchmarks(benchmarks: Mapping[str, Any], *, limit: int | None = None,
                     options: Mapping[str, dict] | None = None) -> dict[str, list]:
     """{name: [Record]} from {name: path} (registry loader) or {name: [Record]} (first `limit`)."""
-    from .benchmarks.records import Record
+    from mars_core.benchmarks.records import Record
 
     if not benchmarks:
         raise InputError("no benchmarks given; pass name=PATH pairs (e.g. figstep=data/FigStep)")
@@ -123,7 +120,7 @@ def load_benchmarks(benchmarks: Mapping[str, Any], *, limit: int | None = None,
     out: dict[str, list] = {}
     for name, src in benchmarks.items():
         if isinstance(src, (str, Path)):
-            from .benchmarks.registry import BENCHMARKS, load_benchmark
+            from mars_core.benchmarks.registry import BENCHMARKS, load_benchmark
 
             if name not in BENCHMARKS:
                 raise InputError(f"unknown benchmark {name!r}; known: {', '.join(sorted(BENCHMARKS))}")
@@ -145,7 +142,7 @@ def load_benchmarks(benchmarks: Mapping[str, Any], *, limit: int | None = None,
 
 def _kinds(recs: Mapping[str, list]) -> dict[str, str]:
     """Benchmark kind: the registry's when the name is registered, else from the records."""
-    from .benchmarks.registry import BENCHMARKS
+    from mars_core.benchmarks.registry import BENCHMARKS
 
     out = {}
     for name, rs in recs.items():
@@ -182,93 +179,43 @@ def _check_modalities(mm: Any, recs: Mapping[str, list]) -> None:
                     f"with a hub id of a {mod} family (see the README's family table){hint}")
 
 
-def model_context(model: Any, out: Path, *, fresh: bool, settings: Any, log: Callable[[str], None],
-                  dtype: str | None = None, device_map: str | None = None, remote: bool | str = False):
-    """The `analysis.reproduce.Context` for "organism" (default), "organism:VARIANT" (e.g.
-    "organism:video", the Video-LLaVA transplant) or "organism:RUN_DIR" (a training run of
-    `mars_core.organism.train`; the organism's text suite in all three), a hub id / local
-    directory, or a `MarsModel` in memory (with the typographic text suite, as for hub models)."""
-    from analysis.cache import StepCache
-    from analysis.reproduce import Context, _weights_hash, hub_context, organism_context
-
-    if model is None or str(model).split(":")[0] == "organism":
-        if remote:
-            raise InputError("remote evaluation needs a hub model id; the organism runs locally")
-        variant = str(model).partition(":")[2] if model else ""
-        if variant in ("", "natural"):
-            return organism_context(out, fresh=fresh, settings=settings, log=log)
-        if Path(variant).is_dir():  # a training run folder
-            return organism_context(out, fresh=fresh, settings=settings, log=log, run_dir=variant)
-        from analysis.suite import organism_suite
-
-        from .model import load_model
-        from .organism import load_organism
-
-        mm = load_model(*load_organism(variant))  # unknown variants raise, naming the known ones
-        mm.model_id = f"mars-organism/{variant}"
-        return Context(mm, f"{mm.model_id}:{mm.config_hash}:{_weights_hash(mm)}", organism_suite(settings.seed), {},
-                       settings, StepCache(out / ".mars_cache", fresh), out, log)
-    if isinstance(model, (str, Path)):
-        return hub_context(str(model), out, fresh=fresh, settings=settings, log=log, remote=remote, dtype=dtype,
-                           device_map=device_map)
-    if not hasattr(model, "build_batch") or not hasattr(model, "nn"):
-        raise InputError(f"model must be 'organism', a hub id or a MarsModel, not {type(model).__name__}")
-    if remote:
-        raise InputError("remote evaluation needs a hub model id (model='org/name'), not a model in memory")
-    from analysis.suite import typographic_suite
-
-    from .steering import media_side
-
-    suite = typographic_suite(settings.seed, image_size=media_side(model, default=224))
-    # weights in the key too: two models in memory can share an id and a config
-    return Context(model, f"{model.model_id}:{model.config_hash}:{_weights_hash(model)}", suite, {}, settings,
-                   StepCache(out / ".mars_cache", fresh), out, log)
-
-
 # ------------------------------------------------------------------------------ methods
 class _Methods:
-    """Steerers built on first use, from cached pipeline steps (`analysis.reproduce`)."""
+    """The requested steerers, built from the study's steps (`analysis.steps`, the same graph and
+    cache as `mars reproduce`): directions, calibration (with a video offset when a benchmark has
+    video), the fitted MARS and, when asked for, AutoSteer."""
 
-    def __init__(self, ctx: Any, methods: Sequence[str], video: bool, video_requests: Sequence[str] | None = None):
-        self.ctx, self.methods, self.video, self.video_requests = ctx, list(methods), video, video_requests
-        self.layer: int | None = None
+    def __init__(self, study: Any, methods: Sequence[str]):
+        self.study, self.methods = study, list(methods)
 
     @functools.cached_property
     def steerers(self) -> dict[str, Any]:
-        import analysis.reproduce as rp
+        from .graph import run_steps
+        from .steps import STEPS, comparison_steerers
 
-        ctx = self.ctx
-        ctx.log("building methods: directions, MARS calibration and layer (cached steps)")
-        dirs = rp.step_directions(ctx)
-        calib = rp.step_calibration(ctx, dirs)
-        if self.video:
-            calib = _with_video_offsets(ctx, dirs, calib, self.video_requests)
-        # MARS's layer and gate as `mars reproduce` picks them (fills ctx.settings.mars_tau/gain/margin)
-        self.layer = rp.step_mars_layer_and_gate(ctx, calib)[0]
-        auto = rp.fit_autosteer(ctx, dirs) if "autosteer" in self.methods else None
-        every = rp.comparison_steerers(ctx, dirs, calib, self.layer, auto)
+        st = self.study
+        targets = ["directions", "calibration", "mars"] + (["autosteer"] if "autosteer" in self.methods else [])
+        st.log("building methods: directions, MARS calibration, layer and gate (cached steps)")
+        v = run_steps(STEPS, st.sources, st.cache, targets=targets)
+        every = comparison_steerers(v["mm"], v["directions"], v["calibration"], v["mars"], v.get("autosteer"),
+                                    v["actadd_coeff"])
+        self.layer = int(v["mars"].layer)
         return {m: every[m] for m in self.methods}
 
 
-def _with_video_offsets(ctx: Any, dirs: Any, calib: Any, requests: Sequence[str] | None) -> Any:
-    """`calib` plus a video offset from 8 neutral videos (blank / noise, 4 frames) with benign
-    `requests` (None: `NEUTRAL_REQUESTS["video"]`, as `calibrate_mars`), cached."""
-    from .steering.neutral import neutral_sets
-    from .steering import MarsCalibration, neutral_calibration
+def _with_video_neutral(study: Any, requests: Sequence[str] | None) -> None:
+    """Give the study's calibration a video offset: the suite's neutral video set, or 8 generated
+    object-less videos (blank / noise, 4 frames) with their own text baseline (same requests)."""
+    from mars_core.steering.neutral import neutral_sets
 
-    def compute():
-        text, media = neutral_sets(ctx.mm, ["video"], 8, seed=ctx.settings.seed, requests=requests)
-        return neutral_calibration(ctx.mm, dirs, text, media, batch_size=ctx.settings.batch_size)
-
-    video = ctx.cache.get(
-        "calibration_video", {"model": ctx.model_key, "seed": ctx.settings.seed, "requests": requests,
-                              **{n: ctx.suite[n].sha256 for n in ("harmful_text_train", "harmless_text_train")}},
-        compute, lambda v, p: v.save(p), lambda p: MarsCalibration.load(p, model=ctx.mm), "safetensors")
-    if video.layers != calib.layers:
-        raise InputError("the video calibration covers other layers than the image one")
-    return MarsCalibration(calib.layers, calib.direction, calib.p_harm, calib.p_safe,
-                           {**calib.offsets, "video": video.offsets["video"]}, calib.n_layers, calib.d_model,
-                           pos=calib.pos, layers_path=calib.layers_path, provenance=calib.provenance)
+    src = study.sources
+    if "video" in src["neutral_media"]:
+        return
+    text, media = neutral_sets(src["mm"], ["video"], 8, seed=src["seed"], requests=requests)
+    base = src["neutral_text"]
+    src["neutral_text"] = {**({m: base for m in src["neutral_media"]} if not isinstance(base, dict) else base),
+                           "video": text}
+    src["neutral_media"] = {**src["neutral_media"], "video": media["video"]}
 
 
 # ------------------------------------------------------------------------------ shards
@@ -286,8 +233,8 @@ def _shards(methods: Sequence[str], recs: Mapping[str, list], chunk_size: int) -
 
 
 def _promptset(records: list, name: str, num_frames: int):
-    from .benchmarks.media import load_image, load_video
-    from .benchmarks.records import records_to_promptset
+    from mars_core.benchmarks.media import load_image, load_video
+    from mars_core.benchmarks.records import records_to_promptset
 
     return records_to_promptset(records, name, load_image=load_image,
                                 load_video=functools.partial(load_video, num_frames=num_frames))
@@ -361,46 +308,53 @@ def evaluate(
     num_frames: frames sampled per video (default 8; 4 for "organism:video", whose 128-position
     context fits at most 6). Writes OUT/data/evaluate.nc and OUT/figures/evaluate.md.
     """
-    from analysis.cache import StepCache
-    from mars_core.datasets import save_dataset
-    from analysis.reproduce import Settings
     from tqdm.auto import tqdm
 
+    from mars_core.datasets import save_dataset
+    from mars_core.judges import as_verdict_judge
+    from mars_core.provenance import atomic_write_json, atomic_write_text
+
+    from .cache import StepCache
     from .evaluate_data import build_dataset, table_markdown
-    from .judges import as_verdict_judge
-    from .provenance import atomic_write_json, atomic_write_text
+    from .models import organism_kind
+    from .reproduce import Settings, model_study
 
     log = log or (lambda m: print(m, flush=True))
     methods = _check_methods(methods)
     judge = as_verdict_judge(judge)
-    organism = model is None or str(model).split(":")[0] == "organism"
+    organism = organism_kind(model) is not None if isinstance(model, (str, type(None))) else False
     if num_frames is None:
         num_frames = 4 if organism and str(model).endswith(":video") else 8
     if int(chunk_size) < 1 or int(num_frames) < 1:
         raise InputError("chunk_size and num_frames must be >= 1")
     recs = load_benchmarks(benchmarks or {}, limit=limit, options=options)
-    # a copy: building the methods may fill in fitted values (the MARS gate), never the caller's object
-    settings = dataclasses.replace(settings) if settings is not None else Settings()
+    settings = settings if settings is not None else Settings()
     k = int(max_new_tokens or settings.max_new_tokens)
     bs = int(batch_size or settings.batch_size)
     out = Path(out)
     if bool(harmful_texts) != bool(harmless_texts):
         raise InputError("give both harmful_texts and harmless_texts (e.g. advbench and alpaca), or neither")
-    ctx = model_context(model, out, fresh=fresh, settings=settings, log=log, dtype=dtype, device_map=device_map,
-                        remote=remote)
-    if harmful_texts:
-        ctx.suite = with_direction_sets(ctx.suite, _text_records(harmful_texts, "harmful"),
-                                        _text_records(harmless_texts, "harmless"), seed=settings.seed)
-    _check_modalities(ctx.mm, recs)
-    has_video = any(r.modality == "video" for rs in recs.values() for r in rs)
-    # the organism reads only its own vocabulary: its neutral requests calibrate video too
-    built = _Methods(ctx, methods, video=has_video,
-                     video_requests=ctx.suite["neutral_text"].texts[:8] if organism else None)
+    harmful = _text_records(harmful_texts, "harmful") if harmful_texts else None
+    harmless = _text_records(harmless_texts, "harmless") if harmless_texts else None
+    study = model_study(model if model is not None else "organism", out, fresh=fresh, settings=settings, log=log,
+                        remote=remote, dtype=dtype, device_map=device_map)
+    mm = study.sources["mm"]
+    if harmful is not None:  # the paper's protocol: the direction (and its selection) from these sets
+        sets = with_direction_sets({}, harmful, harmless, seed=settings.seed)
+        study.sources.update(harmful_text_train=sets["harmful_text_train"],
+                             harmless_text_train=sets["harmless_text_train"],
+                             harmful_text_sel=sets["harmful_text"], harmless_text_sel=sets["harmless_text"])
+    _check_modalities(mm, recs)
+    if any(r.modality == "video" for rs in recs.values() for r in rs):
+        # the organism reads only its own vocabulary: its neutral requests calibrate video too
+        _with_video_neutral(study, study.sources["neutral_text"].texts[:8] if organism else None)
+    built = _Methods(study, methods)
     cache = StepCache(out / ".mars_cache" / "evaluate", fresh=fresh)
     st = settings
-    # every setting, taken before the methods are built (building may fill in fitted values)
-    method_key = {"model": ctx.model_key, "settings": dataclasses.asdict(st), "batch": bs, "video_offsets": has_video,
-                  "sets": {n: ps.sha256 for n, ps in ctx.suite.items()}}  # the sets the methods are built from
+    # a shard is keyed by the steerer it runs (its content fingerprint: direction, calibration,
+    # layer, gate), the model and the records; the steerers come from the cached study steps
+    steerers = built.steerers
+    method_key = {"model": mm.fingerprint, "batch": bs}
 
     kinds = _kinds(recs)
     shards = _shards(methods, recs, int(chunk_size))
@@ -413,22 +367,24 @@ def evaluate(
         ps = _promptset(rows, sh.benchmark, int(num_frames))
         ids = [r.id for r in rows]
         utility = kinds[sh.benchmark] == "utility"
-        inputs = {**method_key, "method": sh.method, "benchmark": sh.benchmark, "chunk": ps.sha256, "ids": ids,
+        inputs = {**method_key, "method": sh.method, "steerer": steerers[sh.method].fingerprint,
+                  "benchmark": sh.benchmark, "chunk": ps.sha256, "ids": ids,
                   "references": [r.reference for r in rows] if utility else None, "judge": judge.name, "tokens": k,
                   "frames": num_frames}
         results[sh] = cache.get(
             sh.name, inputs,
-            lambda: _compute_shard(ctx.mm, built.steerers[sh.method], judge, ps, rows, max_new_tokens=k,
+            lambda: _compute_shard(mm, steerers[sh.method], judge, ps, rows, max_new_tokens=k,
                                    batch_size=bs, utility=utility, layer=built.layer),
             lambda v, p: atomic_write_json(p, v), lambda p: _load_shard(p, ids), "json")
     bar.close()
     reused = sum(1 for e in cache.events if e[1] == "reused")
     log(f"evaluate: {len(shards)} shards ({reused} reused) in {time.perf_counter() - t0:.1f} s")
 
-    ds = build_dataset(results, recs, methods, kinds=kinds, judge=judge, mm=ctx.mm, extra_attrs={
+    ds = build_dataset(results, recs, methods, kinds=kinds, judge=judge, mm=mm, extra_attrs={
         "seed": st.seed, "max_new_tokens": k, "chunk_size": int(chunk_size), "limit": limit, "num_frames": num_frames,
         "mars_layer": next((d["layer"] for d in results.values() if d.get("layer") is not None), ""),
-        "steerers": {sh.method: d.get("steerer", "") for sh, d in results.items()}, "settings": method_key,
+        "steerers": {sh.method: d.get("steerer", "") for sh, d in results.items()},
+        "settings": dataclasses.asdict(st), "steerer_fingerprints": {m: steerers[m].fingerprint for m in methods},
         "benchmark_sources": {n: str(s) if isinstance(s, (str, Path)) else "records" for n, s in benchmarks.items()},
     })
     table = table_markdown(ds)
