@@ -29,6 +29,7 @@ import xarray as xr
 from mars_core.directions import RefusalDirections, model_shape
 from mars_core.errors import IncompatibleModelError, InputError
 from mars_core.prompts import PromptSet
+from mars_core.stats import auc
 
 from ._common import (
     dataset_provenance,
@@ -41,29 +42,7 @@ from ._common import (
     var,
 )
 
-__all__ = ["layer_alignment", "mann_whitney_auc", "stream_last_position"]
-
-
-def mann_whitney_auc(x_pos: np.ndarray, x_neg: np.ndarray, axis: int = -1) -> np.ndarray:
-    """AUC = U / (n_pos n_neg): the probability that a positive scores above a negative, ties 1/2.
-
-    x_pos [..., n_pos] and x_neg [..., n_neg] along `axis` (other dims broadcast). Computed from
-    average ranks of the pooled sample (Mann-Whitney U = R_pos - n_pos (n_pos + 1) / 2).
-    NaN if either side is empty.
-    """
-    from scipy.stats import rankdata
-
-    xp = np.moveaxis(np.asarray(x_pos, dtype=np.float64), axis, -1)
-    xn = np.moveaxis(np.asarray(x_neg, dtype=np.float64), axis, -1)
-    n1, n2 = xp.shape[-1], xn.shape[-1]
-    if n1 == 0 or n2 == 0:
-        return np.full(np.broadcast_shapes(xp.shape[:-1], xn.shape[:-1]), np.nan)
-    shape = np.broadcast_shapes(xp.shape[:-1], xn.shape[:-1])
-    xp = np.broadcast_to(xp, shape + (n1,))
-    xn = np.broadcast_to(xn, shape + (n2,))
-    ranks = rankdata(np.concatenate([xp, xn], axis=-1), axis=-1, method="average")
-    u = ranks[..., :n1].sum(-1) - n1 * (n1 + 1) / 2.0
-    return u / (n1 * n2)
+__all__ = ["layer_alignment", "stream_last_position"]
 
 
 def stream_last_position(mm: Any, ps: PromptSet, layers: Sequence[int], r_unit: np.ndarray | None = None, *,
@@ -195,7 +174,7 @@ def layer_alignment(
             mh, ph = stream_last_position(mm, harmful[m], lay, r_unit, batch_size=batch_size)
             ms, pn = stream_last_position(mm, harmless[m], lay, r_unit, batch_size=batch_size)
             out["cos_direction"][:, j] = _cos(d_text, mh - ms)
-            out["auc"][:, j] = mann_whitney_auc(ph.T, pn.T)  # [L, n] each
+            out["auc"][:, j] = auc(ph.T, pn.T)  # [L, n] each (Mann-Whitney, mars_core.stats)
         if m in neutral:
             mn, _ = stream_last_position(mm, neutral[m], lay, batch_size=batch_size)
             off = mn - neutral_text_mean

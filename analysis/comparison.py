@@ -21,6 +21,7 @@ import xarray as xr
 
 from mars_core.errors import InputError
 from mars_core.prompts import PromptSet
+from mars_core.stats import bootstrap_mean_ci
 
 from ._common import (
     dataset_provenance,
@@ -116,13 +117,6 @@ def evaluate_methods(
     return out
 
 
-def _bootstrap_ci(x: np.ndarray, idx: np.ndarray, ci: float) -> tuple[float, float]:
-    means = x[idx].mean(axis=1)
-    q = 100.0 * (1.0 - ci) / 2.0
-    lo, hi = np.percentile(means, [q, 100.0 - q])
-    return float(lo), float(hi)
-
-
 def method_comparison(
     per_prompt: Mapping[str, Mapping[str, Sequence[float]]],
     *,
@@ -135,8 +129,9 @@ def method_comparison(
     per_prompt: {method: {metric: per-prompt values}} (e.g. from `evaluate_methods`); values
     are finite numbers (0/1 outcomes). Every metric of docs/datasets.md is in the `metric` axis
     (NaN where not measured), followed by any other metric given. Resamples are drawn from
-    `np.random.default_rng([seed, metric index, n])`, so a metric's CIs do not change when
-    methods are added.
+    `np.random.default_rng([seed, metric index, n])` (`mars_core.stats.bootstrap_mean_ci`, i.e.
+    `scipy.stats.bootstrap`, percentile method), so a metric's CIs do not change when methods are
+    added.
 
     Returns dims method, metric, bound (estimate, low, high); var value (fraction). attrs: the
     provenance of `per_prompt.provenance` when it has one (a `PerPrompt`; `seed` is then the
@@ -170,17 +165,14 @@ def method_comparison(
     value = np.full((len(methods), len(metrics), 3), np.nan)
     n_prompts: dict[str, dict[str, int]] = {m: {} for m in methods}
     for j, metric in enumerate(metrics):
-        idx_by_n: dict[int, np.ndarray] = {}
         for i, m in enumerate(methods):
             x = data[m].get(metric)
             if x is None or x.size == 0:
                 continue
-            n = int(x.size)
-            n_prompts[m][metric] = n
-            if n not in idx_by_n:
-                idx_by_n[n] = np.random.default_rng([int(seed), j, n]).integers(0, n, size=(n_boot, n))
-            lo, hi = _bootstrap_ci(x, idx_by_n[n], ci)
-            value[i, j] = (float(x.mean()), lo, hi)
+            n_prompts[m][metric] = int(x.size)
+            # the stream depends on (seed, metric, n) only: every method of a metric of the same size
+            # gets the same resamples, so the CIs are paired
+            value[i, j] = bootstrap_mean_ci(x, n_boot=n_boot, confidence=ci, seed=[int(seed), j, int(x.size)])
 
     prov = getattr(per_prompt, "provenance", None) or dataset_provenance("comparison", None, None, seed=int(seed))
     attrs = {**prov, "analysis": "comparison", "bootstrap_seed": int(seed), "n_boot": n_boot, "ci": ci,

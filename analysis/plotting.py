@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import os
-import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -25,6 +24,7 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
 from mars_core.provenance import atomic_path
+from mars_core.stats import bootstrap_mean_ci, wilson_interval
 
 SINGLE, DOUBLE = 3.4, 7.0  # column widths in inches
 PNG_DPI = 200
@@ -103,33 +103,22 @@ def _modality(name: str) -> dict:
 
 # --- statistics ---------------------------------------------------------------------------
 
-def wilson_ci(k, n, z: float = 1.96):
-    """Wilson score interval for k successes in n trials: (rate, low, high); NaN where n=0."""
-    k, n = np.asarray(k, float), np.asarray(n, float)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        p = k / n
-        den = 1 + z**2 / n
-        mid = (p + z**2 / (2 * n)) / den
-        half = z * np.sqrt(p * (1 - p) / n + z**2 / (4 * n**2)) / den
-    return p, mid - half, mid + half
-
-
 def rate_ci(da: xr.DataArray, dim: str = "prompt"):
-    """Refusal rate over `dim` of 0/1 values (NaN ignored) with a 95% Wilson interval."""
+    """Refusal rate over `dim` of 0/1 values (NaN ignored) with a 95% Wilson interval
+    (`mars_core.stats.wilson_interval`)."""
     k = da.sum(dim, skipna=True).values
     n = da.notnull().sum(dim).values
-    return wilson_ci(k, n)
+    return wilson_interval(np.rint(k), n)
 
 
 def mean_ci(da: xr.DataArray, dim: str = "prompt", n_boot: int = 1000, seed: int = 0):
-    """Mean over `dim` (NaN ignored) with a 95% percentile-bootstrap interval."""
+    """Mean over `dim` (NaN ignored) with a 95% percentile-bootstrap interval
+    (`mars_core.stats.bootstrap_mean_ci`), element-wise over the other dims."""
     v = np.moveaxis(da.values, da.get_axis_num(dim), -1)
-    idx = np.random.default_rng(seed).integers(0, v.shape[-1], (n_boot, v.shape[-1]))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN slices give NaN
-        boots = np.nanmean(v[..., idx], axis=-1)
-        lo, hi = np.nanpercentile(boots, [2.5, 97.5], axis=-1)
-        return np.nanmean(v, axis=-1), lo, hi
+    out = np.full((3,) + v.shape[:-1], np.nan)
+    for idx in np.ndindex(v.shape[:-1]):
+        out[(slice(None),) + idx] = bootstrap_mean_ci(v[idx], n_boot=n_boot, seed=seed)
+    return out[0], out[1], out[2]
 
 
 # --- figure plumbing ----------------------------------------------------------------------
@@ -195,6 +184,33 @@ def _int_ticks(ax: Axes, axis: str = "x") -> None:
     getattr(ax, f"{axis}axis").set_major_locator(MaxNLocator(integer=True, nbins=6))
 
 
+def _model_name(ds: xr.Dataset) -> str:
+    """The model (and variant) a Dataset was measured on, for figure titles."""
+    mid = ds.attrs.get("model_id", "")
+    if isinstance(mid, (list, tuple)):  # checkpoints of one model: "id@stage1", "id@stage2", ...
+        bases = list(dict.fromkeys(str(m).split("@")[0] for m in mid))
+        mid = ", ".join(bases)
+    variant = ds.attrs.get("model_variant", "")
+    return f"the `{variant}` variant ({mid})" if variant else str(mid)
+
+
+def _coord_label(da: xr.DataArray, fallback: str) -> str:
+    """'long name (units)' of a coordinate, from the Dataset (fallback if it has none)."""
+    ln, u = da.attrs.get("long_name"), da.attrs.get("units")
+    if not ln:
+        return fallback
+    return f"{ln[:1].upper()}{ln[1:]}" + (f"\n({u})" if u else "")
+
+
+def _bars(a: Axes, x, heights, *, width, color, hatch: str = "", **kw):
+    """Bars whose zero heights stay visible (a short cap line at every bar's top); hatched bars get
+    white hatch lines so two methods of one colour stay apart."""
+    out = a.bar(x, heights, width=width, color=color, edgecolor="white" if hatch else color, hatch=hatch or None,
+                linewidth=0.4 if hatch else 0.6, **kw)
+    a.hlines(heights, np.asarray(x) - width / 2, np.asarray(x) + width / 2, colors=color, lw=1.2, zorder=3)
+    return out
+
+
 def _top_legend(fig: Figure, handles, ncol: int | None = None, title: str | None = None):
     fig.legend(handles=handles, loc="outside upper center", ncol=ncol or len(handles),
                frameon=False, handlelength=2.2, columnspacing=1.2, title=title)
@@ -235,6 +251,7 @@ def plot_alignment(ds: xr.Dataset, variables=("cos_direction", "cos_offset",
         a.set(title=f"{prefix}{title}", xlabel=LAYER_LABEL, ylabel=ylabel)
         _int_ticks(a)
     axes[0].legend(title="Modality", loc="best")
+    fig.suptitle(f"Text refusal direction vs. multimodal requests on {_model_name(ds)}")
     return _finish(fig, out_dir, name)
 
 
@@ -294,14 +311,17 @@ def _violins(a: Axes, data: list[np.ndarray], positions, color: str) -> None:
 
 @_styled
 def plot_spurious(ds: xr.Dataset, out_dir=None, ax=None, name: str = "spurious") -> Figure:
-    """Spurious refusal of safe multimodal inputs with and without re-centering.
+    """Spurious refusal of safe multimodal inputs under MARS, with and without re-centering.
 
-    (a) refusal rate vs strength with 95% Wilson CIs over prompts; (b) distribution of the
-    normalised projection s; (c) share of safe inputs the adaptive gate opens for.
+    (a) refusal rate vs MARS gain with 95% Wilson CIs over prompts; (b) distribution of the
+    normalised projection s (seaborn violins); (c) share of safe inputs the adaptive gate opens for.
     """
+    import pandas as pd
+    import seaborn as sns
+
     _require(ds, "plot_spurious", ["refused", "projection", "gate_open"],
              ["recenter", "strength", "modality", "prompt"])
-    fig, (a, b, c) = _axes(ax, 3, (DOUBLE, 2.6), width_ratios=[1.5, 1.1, 0.8])
+    fig, (a, b, c) = _axes(ax, 3, (DOUBLE, 2.8), width_ratios=[1.5, 1.1, 0.8])
     mods = [str(m) for m in ds["modality"].values]
     flags = [bool(r) for r in ds["recenter"].values]
     x = ds["strength"].values
@@ -310,39 +330,49 @@ def plot_spurious(ds: xr.Dataset, out_dir=None, ax=None, name: str = "spurious")
         for m in mods:
             p, lo, hi = rate_ci(ds["refused"].sel(recenter=r, modality=m))
             st = _modality(m)
-            a.plot(x, p * 100, color=col, ls=st["ls"], marker=st["marker"])
+            a.plot(x, p * 100, color=col, ls=st["ls"], marker=st["marker"], clip_on=False, zorder=3)
             a.fill_between(x, lo * 100, hi * 100, color=col, alpha=0.15, lw=0)
-    a.set(title="(a) Refusal of safe inputs", xlabel=STRENGTH_LABEL, ylabel=RATE_LABEL,
-          ylim=(-2, 102))
+    a.set(title="(a) Refusal of safe inputs under MARS", xlabel=_coord_label(ds["strength"], STRENGTH_LABEL),
+          ylabel=RATE_LABEL, ylim=(-3, 103))
+    rows = [{"modality": _modality(m)["label"], "re-centering": RECENTER[r]["label"], "s": float(v)}
+            for r in flags for m in mods for v in ds["projection"].sel(recenter=r, modality=m).values
+            if np.isfinite(v)]
+    palette = {RECENTER[r]["label"]: RECENTER[r]["color"] for r in flags}
+    sns.violinplot(data=pd.DataFrame(rows), x="modality", y="s", hue="re-centering", palette=palette, ax=b,
+                   inner="quartile", cut=0, linewidth=0.7, legend=False, density_norm="width")
+    tau = ds.attrs.get("tau")
+    refs = {0.0: "harmless text", 1.0: "harmful text"}
+    if tau not in (None, ""):
+        near = [y for y in refs if abs(y - float(tau)) < 0.08]
+        if near:
+            refs[near[0]] += f" (gate τ = {float(tau):g})"
+        else:
+            refs[float(tau)] = f"gate τ = {float(tau):g}"
+    for y, txt in refs.items():
+        b.axhline(y, color="#555555", lw=0.7, ls="--" if "gate" in txt and y not in (0.0, 1.0) else ":", zorder=1)
+        b.text(1.0, y, f" {txt}", transform=b.get_yaxis_transform(), va="center", ha="left",
+               fontsize=6.5, color="#333333", clip_on=False)
+    b.set(title="(b) Projection of safe inputs", xlabel="Safe input modality",
+          ylabel="Normalised projection s\n(0/1 = harmless/harmful text)")
+    b.grid(False, axis="x")
     pos = np.arange(len(mods))
     for j, r in enumerate(flags):
         off = (j - (len(flags) - 1) / 2) * 0.4
-        proj = [ds["projection"].sel(recenter=r, modality=m).values for m in mods]
-        _violins(b, proj, pos + off, RECENTER[r]["color"])
         p, lo, hi = rate_ci(ds["gate_open"].sel(recenter=r), "prompt")
-        c.bar(pos + off, p * 100, width=0.38, color=RECENTER[r]["color"], alpha=0.85,
-              yerr=[(p - lo) * 100, (hi - p) * 100], capsize=2,
-              error_kw=dict(lw=0.8, ecolor="#333333"))
+        _bars(c, pos + off, p * 100, width=0.38, color=RECENTER[r]["color"], alpha=0.85,
+              yerr=[(p - lo) * 100, (hi - p) * 100], capsize=2, error_kw=dict(lw=0.8, ecolor="#333333"))
         for xi, v, h in zip(pos + off, p * 100, hi * 100):
             c.text(xi, h + 1.5, f"{v:.0f}", ha="center", va="bottom", fontsize=6.5)
-    for y, txt in ((0, "harmless text"), (1, "harmful text")):
-        b.axhline(y, color="#555555", lw=0.7, ls=":", zorder=1)
-        b.text(1.0, y, f" {txt}", transform=b.get_yaxis_transform(), va="center", ha="left",
-               fontsize=6.5, color="#333333", clip_on=False)
     labels = [_modality(m)["label"] for m in mods]
-    b.set(title="(b) Projection of safe inputs", xlabel="Safe input modality",
-          ylabel="Normalised projection s\n(0/1 = harmless/harmful text)")
-    b.set_xticks(pos, labels)
-    b.grid(False, axis="x")
-    c.set(title="(c) Adaptive gate", xlabel="Safe input modality",
-          ylabel="Safe inputs with gate open (%)", ylim=(0, 105))
+    c.set(title="(c) Gate open", xlabel="Safe input modality",
+          ylabel="Safe inputs with gate open (%)", ylim=(-3, 110))
     c.set_xticks(pos, labels)
     c.grid(False, axis="x")
-    handles = [Line2D([], [], color=RECENTER[r]["color"], lw=2, label=RECENTER[r]["label"])
+    handles = [Line2D([], [], color=RECENTER[r]["color"], lw=2, label=f"MARS {RECENTER[r]['label']}")
                for r in flags]
     handles += [Line2D([], [], color="#333333", ls=_modality(m)["ls"],
                        marker=_modality(m)["marker"], label=_modality(m)["label"]) for m in mods]
-    _top_legend(fig, handles)
+    _top_legend(fig, handles, title=f"MARS at layer {ds.attrs.get('layer', '?')} on {_model_name(ds)}")
     return _finish(fig, out_dir, name)
 
 
@@ -392,11 +422,14 @@ def plot_stability(ds: xr.Dataset, layer: int | None = None, out_dir=None, ax=No
         colors = [_C[k] for k in ("orange", "skyblue", "green", "vermillion", "purple", "blue")]
         for i, other in enumerate(names[1:]):
             ang = ds["principal_angle"].sel(checkpoint=ref, checkpoint_b=other)
-            a.plot(ds["k"], ang, marker="o", color=colors[i % len(colors)], label=other)
+            a.plot(ds["k"], ang, marker="o", color=colors[i % len(colors)], label=other, clip_on=False,
+                   zorder=3)
+        top = float(np.nanmax(ds["principal_angle"].values)) if np.isfinite(ds["principal_angle"].values).any() else 1
         a.set(title=f"(c) Principal angles of top-k\nsubspaces to {ref}", xlabel="Subspace dimension k",
-              ylabel="Principal angle (degrees)", ylim=(0, None))
+              ylabel="Principal angle (degrees)", ylim=(-0.04 * max(top, 1.0), 1.08 * max(top, 1.0)))
         _int_ticks(a)
         a.legend(title="Checkpoint", loc="best")
+    fig.suptitle(f"Refusal direction across training checkpoints of {_model_name(ds)}")
     return _finish(fig, out_dir, name)
 
 
@@ -428,8 +461,7 @@ def plot_comparison(ds: xr.Dataset, methods: Sequence[str] | None = None,
             est, lo, hi = (v.sel(bound=b).values * scale for b in ("estimate", "low", "high"))
             xi = x + (i - (len(methods) - 1) / 2) * width
             ok = np.isfinite(est)
-            a.bar(xi[ok], est[ok], width=width * 0.92, color=st["color"], hatch=st["hatch"],
-                  edgecolor="white", linewidth=0.4, label=st["label"],
+            _bars(a, xi[ok], est[ok], width=width * 0.92, color=st["color"], hatch=st["hatch"], label=st["label"],
                   yerr=[np.nan_to_num(est - lo)[ok], np.nan_to_num(hi - est)[ok]],
                   error_kw=dict(lw=0.7, capsize=1.5, ecolor="#333333"))
             for xn in xi[~ok]:
@@ -437,7 +469,7 @@ def plot_comparison(ds: xr.Dataset, methods: Sequence[str] | None = None,
                        fontsize=5.5, color="#555555")
         a.set_xticks(x, [METRICS.get(g, g) for g in group])
         a.grid(False, axis="x")
-        a.set_ylim(0, 1.05 * scale if scale == 100 else None)
+        a.set_ylim(-0.03 * scale, 1.05 * scale)
     unit = " (%)" if scale == 100 else f" ({val.attrs.get('units', '')})"
     pre = "(a) " if len(groups) == 2 else ""
     axes[0].set(ylabel=(RATE_LABEL if rates else "Utility" + unit),
@@ -445,7 +477,10 @@ def plot_comparison(ds: xr.Dataset, methods: Sequence[str] | None = None,
                 xlabel="Prompt set and modality" if rates else "Metric")
     if len(groups) == 2:
         axes[1].set(ylabel="Utility" + unit, title="(b) Utility ↑", xlabel="Metric")
-    _top_legend(fig, axes[0].get_legend_handles_labels()[0], ncol=min(len(methods), 6))
+    gate = ds.attrs.get("mars_gate") or {}
+    g = (", gate " + ", ".join(f"{k} {v:g}" for k, v in gate.items())) if isinstance(gate, dict) and gate else ""
+    _top_legend(fig, axes[0].get_legend_handles_labels()[0], ncol=min(len(methods), 6),
+                title=f"{_model_name(ds)}: MARS at layer {ds.attrs.get('layer', '?')}{g}; 95% bootstrap CIs")
     return _finish(fig, out_dir, name)
 
 
@@ -471,29 +506,37 @@ def plot_refusal_curves(ds: xr.Dataset, layer: int | None = None, variable: str 
         fig, flat = _axes(ax, len(sets) * len(mods), None)
         axes = np.asarray(flat).reshape(len(sets), len(mods))
     x = ds["strength"].values
+    log_x = bool((x > 0).all() and len(x) > 2 and np.allclose(np.diff(np.log(x)), np.diff(np.log(x))[0]))
     letters = iter("abcdefghijklmnop")
     for (r, ps), (c, mo) in ((rc, mc) for rc in enumerate(sets) for mc in enumerate(mods)):
         a = axes[r, c]
-        for m in methods:
+        for i, m in enumerate(methods):
             da = sub.sel({"method": m, "modality": mo, "prompt_set": ps})
             p, lo, hi = rate_ci(da) if variable == "refused" else mean_ci(da)
             if not np.any(np.isfinite(p)):
                 continue
             k = 100 if variable == "refused" else 1
             st = method_style(m)
-            a.plot(x, p * k, color=st["color"], ls=st["ls"], marker=st["marker"],
-                   label=st["label"])
-            a.fill_between(x, lo * k, hi * k, color=st["color"], lw=0,
-                           alpha=min(0.12, 0.5 / len(methods)))
+            # methods that agree would hide each other: dodge each along x and draw open markers
+            shift = (i - (len(methods) - 1) / 2) * 0.035
+            xs = x * np.exp(shift) if log_x else x + shift * (x.max() - x.min() if len(x) > 1 else 1)
+            a.plot(xs, p * k, color=st["color"], ls=st["ls"], marker=st["marker"], mfc="white", mew=1.0,
+                   label=st["label"], clip_on=False, zorder=3)
+            a.fill_between(xs, lo * k, hi * k, color=st["color"], lw=0, alpha=min(0.12, 0.5 / len(methods)))
+        if log_x:
+            a.set_xscale("log")
+            a.set_xticks(x, [f"{v:g}" for v in x])
+            a.minorticks_off()
         a.set_title(f"({next(letters)}) {ps.capitalize()} {_modality(mo)['label'].lower()}")
-        a.set(xlabel=STRENGTH_LABEL if r == len(sets) - 1 else "",
+        a.set(xlabel=_coord_label(ds["strength"], STRENGTH_LABEL) if r == len(sets) - 1 else "",
               ylabel=(RATE_LABEL if variable == "refused" else SCORE_LABEL) if c == 0 else "")
         if variable == "refused":
             a.set_ylim(-3, 103)
     handles, labels = axes[0, 0].get_legend_handles_labels()
     _top_legend(fig, handles, ncol=min(len(handles), 5),
-                title=f"Steering at layer {layer}; shaded: 95% "
-                      f"{'Wilson' if variable == 'refused' else 'bootstrap'} CI over prompts")
+                title=f"{_model_name(ds)}: steering at layer {layer}; shaded: 95% "
+                      f"{'Wilson' if variable == 'refused' else 'bootstrap'} CI over prompts; points dodged "
+                      "sideways so equal curves stay visible; adaptive MARS sets its own strength (flat in x)")
     return _finish(fig, out_dir, name)
 
 

@@ -55,6 +55,7 @@ class Settings:
     mars_gains: tuple[float, ...] = (2.0, 4.0, 8.0, 16.0)
     mars_margins: tuple[float, ...] = (0.0, 0.5)
     mars_max_increase: float = 0.05
+    protocol_tokens: int = 16  # greedy tokens per reply of the held-out protocol (read whole by the strict judge)
 
     def __post_init__(self):
         for name in ("strengths", "curve_layers", "mars_taus", "mars_gains", "mars_margins"):
@@ -109,7 +110,8 @@ def cap(ps: PromptSet, n: int | None) -> PromptSet:
 
 def study_sources(mm: Any, suite: dict[str, PromptSet], settings: Settings, *,
                   checkpoints: dict[str, ModelRef] | None = None,
-                  variants: dict[str, ModelRef] | None = None) -> dict[str, Any]:
+                  variants: dict[str, ModelRef] | None = None, strict_judge: Any = None,
+                  protocol: tuple[str, ...] = ()) -> dict[str, Any]:
     """The graph's sources (`analysis.steps` module docstring) from a model, its prompt suite and
     the settings. Which suite set serves what is decided here, once."""
     st, s = settings, suite
@@ -132,6 +134,8 @@ def study_sources(mm: Any, suite: dict[str, PromptSet], settings: Settings, *,
                       **({"caption_accuracy": cap(s["captions"], n)} if "captions" in s else {})},
         "variant_eval_sets": {k: cap(s[k], n) for k in ("harmful_image", "harmless_image") if k in s},
         "checkpoints": dict(checkpoints or {}),
+        "protocol_sets": {k: cap(s[k], n) for k in protocol if k in s}, "strict_judge": strict_judge,
+        "protocol_tokens": st.protocol_tokens,
         "seed": st.seed, "batch_size": st.batch_size, "max_new_tokens": st.max_new_tokens,
         "strengths": st.strengths, "curve_layers": st.curve_layers, "actadd_coeff": st.actadd_coeff,
         "n_boot": st.n_boot, "mars_gate": st.mars_gate, "mars_grids": st.mars_grids,
@@ -151,6 +155,10 @@ def study_targets(sources: dict[str, Any], steps: list[Step]) -> list[str]:
         skip.add("alignment")
     if not sources["neutral_media"]:
         skip |= {"spurious_refusal"}
+    if not sources.get("protocol_sets") or sources.get("strict_judge") is None:
+        skip.add("heldout")
+    if not {"harmful_image", "harmless_image"} <= set(sources["eval_sets"]):
+        skip.add("shared_structure")
     return [s.name for s in steps if s.name not in skip]
 
 
@@ -199,8 +207,11 @@ def organism_study(out: Path, *, fresh: bool = False, settings: Settings = Setti
         variants["offset"] = ModelRef("offset", lambda: load_model(*load_organism("offset"), family="llava",
                                                                    model_id="mars-organism/offset"),
                                       _shipped_fingerprint("offset"))
+    from mars_core.organism.judge import ToyJudge
+    from mars_core.organism.sets import HELDOUT_SETS
+
     sources = study_sources(mm, default_suite("organism", mm, settings.seed), settings, checkpoints=ckpts,
-                            variants=variants)
+                            variants=variants, strict_judge=ToyJudge(), protocol=HELDOUT_SETS)
     steps = list(STEPS) + [s for v in variants for s in variant_steps(v)]
     return Study(sources, steps, Path(out), StepCache(Path(out) / ".mars_cache", fresh), log,
                  study_targets(sources, steps), {"model": mm.model_id, "suite": "toy organism"})
@@ -246,6 +257,7 @@ DATA_FILES = {  # step -> how its value lands in OUT/data
     "directions": "directions.safetensors", "calibration": "calibration.safetensors", "mars": "mars",
     "text_selection": "text_selection.nc", "alignment": "alignment.nc", "refusal_curves": "refusal_curves.nc",
     "spurious_refusal": "spurious_refusal.nc", "stability": "stability.nc", "comparison": "comparison.nc",
+    "heldout": "heldout.nc", "shared_structure": "shared_structure.nc",
 }
 
 

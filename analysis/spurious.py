@@ -166,4 +166,6 @@ def spurious_refusal(
             "tau": float(tau),
         },
     )
-    return attach_coord_attrs(ds)
+    attach_coord_attrs(ds)
+    ds["strength"].attrs.update(long_name="MARS gain", units="× text gap per unit of s above τ")
+    return ds

@@ -14,6 +14,8 @@ Graph values (the sources `analysis.reproduce.study_sources` builds, then each s
   spurious_safe        {modality: harmless PromptSet}
   stability_harmful    harmful image requests steered across checkpoints
   eval_sets            {metric: PromptSet} of the comparison (held-out)
+  protocol_sets        {name: PromptSet} every held-out set of the protocol (topics, templates,
+                       renderers, object-less images, look-alikes); strict_judge its judge
   settings             seed, batch_size, max_new_tokens, strengths, curve_layers, actadd_coeff,
                        n_boot, mars_gate (fixed parts), mars_grids, mars_max_increase
 
@@ -225,6 +227,32 @@ def comparison(mm, directions, calibration, mars, autosteer, eval_sets, actadd_c
     return ds
 
 
+def heldout(mm, directions, calibration, mars, protocol_sets, strict_judge, protocol_tokens, actadd_coeff, batch_size,
+            seed):
+    """The held-out protocol (`analysis.protocol`): unsteered, naive ActAdd (1x the text gap at
+    MARS's layer) and MARS with and without re-centering on every held-out set, read whole by the
+    strict judge, beside the substring judge, with utility and first-token KL."""
+    from mars_core.organism.sets import caption_check
+
+    from .protocol import heldout_protocol
+
+    every = comparison_steerers(mm, directions, calibration, mars, None, actadd_coeff)
+    steerers = {k: every[k] for k in ("none", "actadd", "mars", "mars_no_recenter")}
+    utility = {n: caption_check for n, ps in protocol_sets.items() if n.startswith("captions")}
+    ds = heldout_protocol(mm, steerers, protocol_sets, strict_judge, utility=utility, max_new_tokens=protocol_tokens,
+                          batch_size=batch_size, seed=seed)
+    ds.attrs.update({"layer": int(mars.layer), "mars_gate": mars.gate})
+    return ds
+
+
+def shared_structure(mm, harmful_text_train, harmless_text_train, eval_sets, batch_size, seed):
+    """Harm signal of held-out image requests along the text direction vs random topic splits."""
+    from .protocol import shared_structure as structure
+
+    return structure(mm, harmful_text_train, harmless_text_train, eval_sets["harmful_image"], eval_sets["harmless_image"],
+                     batch_size=batch_size, seed=seed)
+
+
 def variant_study(variant, harmful_text_train, harmless_text_train, neutral_text, neutral_media, mars, spurious_safe,
                   variant_eval_sets, strengths, max_new_tokens, batch_size, n_boot, seed):
     """Re-centering on a model variant: its own directions and neutral calibration, MARS with the
@@ -266,6 +294,8 @@ STEPS = [
     Step("spurious_refusal", spurious_refusal, _save_ds, _load_ds, "nc"),
     Step("stability", stability, _save_ds, _load_ds, "nc"),
     Step("comparison", comparison, _save_ds, _load_ds, "nc"),
+    Step("heldout", heldout, _save_ds, _load_ds, "nc"),
+    Step("shared_structure", shared_structure, _save_ds, _load_ds, "nc"),
 ]
 """The study's graph, in order (each step reads only sources and earlier steps)."""
 

@@ -154,7 +154,9 @@ def spurious(n_prompts: int = 40, strengths=(0.0, 0.5, 1.0, 1.5, 2.0, 3.0),
                 "prompt": np.arange(n_prompts)},
         attrs={**provenance("spurious", seed), "p_harm": 3.2, "p_safe": -1.1, "layer": 5},
     )
-    return _attach(ds)
+    _attach(ds)
+    ds["strength"].attrs.update(long_name="MARS gain", units="× text gap per unit of s above τ")  # as the analysis
+    return ds
 
 
 CHECKPOINTS = ("base", "instruct", "mm-sft", "mm-rlhf")

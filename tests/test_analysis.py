@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from analysis.alignment import layer_alignment, mann_whitney_auc
+from analysis.alignment import layer_alignment
+from mars_core.stats import auc as mann_whitney_auc
 from analysis.comparison import (
     METRICS,
     comparison_json,

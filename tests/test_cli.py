@@ -39,3 +39,96 @@ def test_unknown_command_fails():
     with pytest.raises(SystemExit) as e:
         main(["frobnicate"])
     assert e.value.code == 2
+
+
+def test_no_command_prints_help_and_fails(capsys):
+    assert main([]) == 2
+    err = capsys.readouterr().err
+    assert "usage: mars" in err and "give a command" in err
+
+
+def test_unknown_family_is_a_clear_argparse_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["smoke", "--family", "nosuch"])
+    assert e.value.code == 2 and "invalid choice: 'nosuch'" in capsys.readouterr().err
+
+
+def test_unwritable_out_fails_before_any_model_work(tmp_path, capsys, monkeypatch):
+    import analysis.reproduce as rp
+
+    def never(*a, **k):
+        raise AssertionError("the model was loaded before --out was checked")
+
+    monkeypatch.setattr(rp, "model_study", never)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    for cmd in (["reproduce"], ["analyze"], ["evaluate", "-b", "figstep=x"]):
+        assert main([*cmd, "--out", str(blocker / "out")]) == 2
+        err = capsys.readouterr().err
+        assert "cannot write to --out" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_ctrl_c_says_that_a_rerun_resumes(tmp_path, capsys, monkeypatch):
+    import analysis.reproduce as rp
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(rp, "run", interrupted)
+    assert main(["reproduce", "--quick", "--out", str(tmp_path)]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted" in err and "rerun the same command to resume" in err and str(tmp_path) in err
+
+
+def test_unknown_hub_id_offline_is_one_fast_line(tmp_path, capsys, monkeypatch):
+    import time
+
+    import huggingface_hub.constants as hc
+
+    import mars_core.model as model_mod
+
+    monkeypatch.setattr(hc, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens: unreachable at once
+    monkeypatch.setattr(model_mod, "_HUB_REACHABLE", {})
+    t0 = time.perf_counter()
+    assert main(["extract", "--model", "org/not-a-model", "--out", str(tmp_path / "d.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert time.perf_counter() - t0 < 10
+    assert "not in the Hugging Face cache" in err and "huggingface-cli download" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_every_command_takes_organism_variants(tmp_path, capsys):
+    out = tmp_path / "dirs.safetensors"
+    assert main(["extract", "--model", "organism:offset", "--out", str(out)]) == 0
+    from mars_core.directions import RefusalDirections
+
+    assert RefusalDirections.load(out).provenance["model_id"] == "mars-organism/offset"
+    assert main(["steer", "--model", "organism:offset", "--prompt", "How do I make a cake ?", "--method", "none"]) == 0
+    assert "none unsteered" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_steer_mars_fits_its_gate_or_loads_a_fitted_one(tmp_path, capsys):
+    """`mars steer --method mars` never steers with the operator's unfitted defaults: it fits the
+    layer and gate (saying so) or loads a fitted MARS; on a harmful glyph the toy complies unsteered
+    and refuses under the fitted MARS (with the defaults it answered like `none`)."""
+    from PIL import Image
+
+    from mars_core.organism.sets import organism_suite
+
+    img = tmp_path / "poison.png"
+    Image.fromarray(organism_suite(0)["harmful_image"].images[48]).save(img)
+    base = ["steer", "--prompt", "How do I build it ?", "--image", str(img), "--out", str(tmp_path / "run")]
+    assert main([*base, "--method", "none"]) == 0
+    assert "Sure" in capsys.readouterr().out
+    assert main([*base, "--method", "mars"]) == 0
+    out = capsys.readouterr().out
+    assert "no fitted MARS given (--mars): fitting" in out and "I cannot help with that ." in out
+    # the fitted operator saved by `mars reproduce`-style steps is reused from the cache / a folder
+    from mars_core.steering import MARS
+
+    (cached,) = (tmp_path / "run" / ".mars_cache").glob("mars-*")
+    MARS.load(cached).save(tmp_path / "saved")
+    assert main([*base, "--method", "mars", "--mars", str(tmp_path / "saved")]) == 0
+    out = capsys.readouterr().out
+    assert "loaded the fitted MARS" in out and "I cannot help with that ." in out

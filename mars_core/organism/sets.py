@@ -50,7 +50,12 @@ SUITE_SETS = {
     "captions_cal": "trained caption requests on calibration images (the MARS gate)",
     "neutral_text": "trained image requests without an image (the re-centering baseline)",
     "neutral_image": "trained image requests on object-less images: colour, noise, blank (re-centering)",
+    "objectless_image": "held-out image requests on fresh object-less images (evaluation: nothing to refuse)",
 }
+HELDOUT_SETS = ("harmful_text", "harmless_text", "harmful_text_referential", "harmless_text_referential",
+                "harmful_text_novel", "harmless_text_novel", "harmful_image", "harmless_image", "objectless_image",
+                "captions", "captions_harmful")
+"""The sets of the held-out protocol (`analysis.protocol`), in table order."""
 VIDEO_SETS = {
     "harmful_video": "held-out requests on fresh glyph videos (evaluation)",
     "harmless_video": "held-out requests on fresh glyph videos (evaluation)",
@@ -103,6 +108,11 @@ def organism_suite(seed: int = 0, *, video: bool = False, n_frames: int = 4) -> 
         meta={"concepts": [None] * len(reqs), "kinds": [NEUTRAL_KINDS[k % 3] for k in range(len(reqs))]})
     S["neutral_text"] = PromptSet("neutral_text", [image_request(c) for c in TRAIN_COMBOS],
                                   meta={"concepts": [None] * len(TRAIN_COMBOS)})
+    rng = np.random.default_rng([seed, 45000])
+    reqs = [image_request(c) for c in HELDOUT_COMBOS * 2]
+    S["objectless_image"] = PromptSet("objectless_image", reqs, images=[
+        np.asarray(draw_neutral(rng, NEUTRAL_KINDS[k % 3]).convert("RGB")) for k in range(len(reqs))],
+        meta={"concepts": [None] * len(reqs), "kinds": [NEUTRAL_KINDS[k % 3] for k in range(len(reqs))]})
     if video:
         S.update(_video_sets(seed, n_frames))
     return S

@@ -115,11 +115,12 @@ class MARS(Steerer):
         return int(self.r.numel())
 
     def check(self, mm):
-        n_layers, _ = model_depth_width(mm, self.layers_path)
-        if n_layers != self.calibration.n_layers:
+        n_layers, d_model = model_depth_width(mm, self.layers_path)
+        c = self.calibration
+        if n_layers != c.n_layers or (d_model is not None and d_model != c.d_model):
             raise IncompatibleModelError(
-                f"this MARS was calibrated for a model with {self.calibration.n_layers} layers; the model has "
-                f"{n_layers}. Calibrate and fit MARS for this model")
+                f"this MARS was calibrated for a model with {c.n_layers} layers and d_model={c.d_model}; the model "
+                f"has {n_layers} and d_model={d_model}. Calibrate and fit MARS for this model")
         Steerer.check(self, mm)
 
     def _fingerprint_parts(self):
