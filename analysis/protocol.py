@@ -3,7 +3,7 @@
 `heldout_protocol` runs each steerer (unsteered, naive ActAdd, MARS, ...) on held-out prompt
 sets (other topics, other phrasings, other renderers, object-less images, look-alikes) and
 records, per reply:
-  verdict          the strict judge's reading of the WHOLE reply: "refusal", "compliance" or
+  judged           the strict judge's reading of the WHOLE reply: "refusal", "compliance" or
                    "broken" (malformed, repetitive, empty: neither a refusal nor a useful answer)
   refused_substring  the substring judge (Arditi et al.'s list), beside the strict one
   useful           1/0 where the set has a utility check (an exact caption / reading answer),
@@ -102,7 +102,7 @@ def heldout_protocol(mm: Any, steerers: Mapping[str, Any], sets: Mapping[str, An
     msp, mspb = ("method", "set", "prompt"), ("method", "set", "bound")
     ds = xr.Dataset(
         {
-            "verdict": (msp, verdict.astype(str), {"long_name": "strict judge's verdict on the whole reply"}),
+            "judged": (msp, verdict.astype(str), {"long_name": "strict judge's verdict on the whole reply"}),
             "refused_substring": var(msp, refused, "refusal by the substring judge", "0/1"),
             "useful": var(msp, useful, "utility check passed (exact caption / reading answer)", "0/1"),
             "same_as_unsteered": var(msp, same, "reply identical to the unsteered reply (harmless sets)", "0/1"),
@@ -147,7 +147,7 @@ def protocol_table(ds: xr.Dataset, sets: Sequence[str] | None = None, *, verdict
     head = "| method | " + " | ".join(f"{s} ({verdict})" for s in sets) + " |"
     rows = [head, "|---|" + "---:|" * len(sets)]
     for m in ds["method"].values:
-        rows.append(f"| {m} | " + " | ".join(cell(ds["rate"].sel(method=m, set=s, verdict=verdict).values)
+        rows.append(f"| {m} | " + " | ".join(cell(ds["rate"].sel({"method": m, "set": s, "verdict": verdict}).values)
                                            for s in sets) + " |")
     return "\n".join(rows)
 

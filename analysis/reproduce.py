@@ -210,8 +210,9 @@ def organism_study(out: Path, *, fresh: bool = False, settings: Settings = Setti
     from mars_core.organism.judge import ToyJudge
     from mars_core.organism.sets import HELDOUT_SETS
 
+    protocol = HELDOUT_SETS + (("harmful_video", "harmless_video", "captions_video") if mm.supports_video else ())
     sources = study_sources(mm, default_suite("organism", mm, settings.seed), settings, checkpoints=ckpts,
-                            variants=variants, strict_judge=ToyJudge(), protocol=HELDOUT_SETS)
+                            variants=variants, strict_judge=ToyJudge(), protocol=protocol)
     steps = list(STEPS) + [s for v in variants for s in variant_steps(v)]
     return Study(sources, steps, Path(out), StepCache(Path(out) / ".mars_cache", fresh), log,
                  study_targets(sources, steps), {"model": mm.model_id, "suite": "toy organism"})

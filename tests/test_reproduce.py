@@ -63,6 +63,17 @@ def test_interrupted_run_resumes_without_recomputing(tmp_path):
         for v in ds.data_vars:
             assert ds[v].attrs.get("long_name"), (name, v)
     assert "mars_no_recenter" in load_dataset(written["comparison_offset_variant"])["method"].values
+    # every dataset the study writes is documented, and every variable says what it is and its unit
+    from pathlib import Path
+
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "datasets.md").read_text()
+    for f in sorted((tmp_path / "data").glob("*.nc")):
+        assert f"`{f.name.replace('_offset_', '_<variant>_')}`" in docs, f.name
+        ds = load_dataset(f)
+        for v in ds.data_vars:
+            assert ds[v].attrs.get("long_name"), (f.name, v)
+            if ds[v].dtype.kind in "fiu":
+                assert ds[v].attrs.get("units"), (f.name, v)
     # the fitted MARS is one artifact: it loads as the operator the comparison used
     from mars_core.steering import MARS
 

@@ -88,7 +88,10 @@ def first_token_sweep(mm: Any, batch: Any, steerers: Sequence[Steerer], *, reuse
 
         def run_last(st):
             step_inputs = dict(last, past_key_values=copy.deepcopy(cache), use_cache=True)
-            with torch.no_grad():
+            with torch.no_grad(), warnings.catch_warnings():
+                # transformers 5.2x renames `past_key_values` to `cache` (a FutureWarning per call);
+                # the old name is what every supported version accepts
+                warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated.*")
                 with mm.nn.trace(step_inputs):
                     rec = nnsight.save({})
                     st.apply(mm, batch, steps=1, record=rec)
