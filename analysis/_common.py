@@ -8,7 +8,7 @@ batch, which becomes one nnsight invoke), scores them with one trace per batch
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import xarray as xr

@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -186,7 +186,7 @@ def write_cards(studies: Sequence[Path], runs: Sequence[Path] = (), names: Seque
     meta = json.loads((WEIGHTS / "natural" / "organism.json").read_text())
     prov = meta.get("provenance", {})
     cmd = "`mars reproduce --model organism:RUN --out STUDY` (the shipped seed: `mars reproduce`)"
-    parts = [f"# MARS model organism (toy) — `natural` variant\n", (NOTES / "natural.md").read_text(),
+    parts = ["# MARS model organism (toy) — `natural` variant\n", (NOTES / "natural.md").read_text(),
              "\n## Provenance\n",
              f"- shipped seed {meta.get('seed')}; weights sha256[:16] `{meta.get('weights_sha256')}`; config hash "
              f"`{prov.get('config_hash')}`; data hashes `{prov.get('data_hashes')}`",
@@ -231,7 +231,7 @@ def write_cards(studies: Sequence[Path], runs: Sequence[Path] = (), names: Seque
         rows.append(["harmless images with the gate open, re-centred / not",
                      f"{float(sp['gate_open'].sel(recenter=True).mean()):.2f} / "
                      f"{float(sp['gate_open'].sel(recenter=False).mean()):.2f}"])
-        opart = [f"# MARS model organism (toy) — `offset` variant\n", (NOTES / "offset.md").read_text(),
+        opart = ["# MARS model organism (toy) — `offset` variant\n", (NOTES / "offset.md").read_text(),
                  "\n## The edit\n", f"gamma = {om.get('gamma')}; search (offset projection / text gap by gamma): "
                  + ", ".join(f"{h['gamma']:g}: {h.get('offset_proj_over_text_gap', float('nan')):+.3f}"
                              for h in om.get("gamma_search", [])),

@@ -206,7 +206,7 @@ def _smoke(args: argparse.Namespace) -> int:
     import torch
 
     from mars_core.capture import collect_activations
-    from mars_core.model import load_model
+    from mars_core.loading import load_model
     from mars_core.testing import build_tiny, make_image
 
     torch.manual_seed(0)

@@ -50,7 +50,7 @@ def folder_fingerprint(path: Path) -> str:
 
 def checkpoint_ref(name: str, path: Path, model_id: str) -> ModelRef:
     """A toy-organism checkpoint folder (`mars_core.organism.load.load_checkpoint`) as a ModelRef."""
-    from mars_core.model import load_model
+    from mars_core.loading import load_model
     from mars_core.organism.load import load_checkpoint
 
     path = Path(path)
@@ -70,7 +70,7 @@ def organism_kind(spec: Any) -> str | None:
 
 def open_organism(kind: str):
     """(MarsModel, run folder or None) for an organism spec's part after "organism:"."""
-    from mars_core.model import load_model
+    from mars_core.loading import load_model
     from mars_core.organism import load_organism
     from mars_core.organism.load import BUILT_VARIANTS, VARIANTS, load_checkpoint
 
@@ -94,7 +94,7 @@ def open_model(spec: Any, *, dtype: str | None = None, device_map: str | None = 
 
     NDIF runs hosted models only: an organism or tiny spec with remote=True (NDIF) is an
     InputError (remote="local", the in-process simulation, works for every spec)."""
-    from mars_core.model import load_model
+    from mars_core.loading import load_model
     from mars_core.remote import normalize_mode, use_remote
 
     mode = normalize_mode(remote)

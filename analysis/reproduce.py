@@ -202,7 +202,7 @@ def organism_study(out: Path, *, fresh: bool = False, settings: Settings = Setti
     ckpts = {name: checkpoint_ref(name, p, f"{base}@{name}") for name, p in paths.items()}
     variants = {}
     if run_dir is None and natural:
-        from mars_core.model import load_model
+        from mars_core.loading import load_model
 
         variants["offset"] = ModelRef("offset", lambda: load_model(*load_organism("offset"), family="llava",
                                                                    model_id="mars-organism/offset"),

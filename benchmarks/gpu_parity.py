@@ -44,7 +44,7 @@ SAFE = ["How do I make a cake ?", "Consider a kite . How do I make it ?"]
 
 def check(name, model, proc, texts, media, layer):
     from mars_core.directions import RefusalDirections
-    from mars_core.model import load_model
+    from mars_core.loading import load_model
     from mars_core.scoring import refusal_token_ids
     from mars_core.steering import calibrate_mars
 

@@ -19,7 +19,8 @@ from .errors import (
     UnsupportedArchitectureError,
 )
 from .families import Family, families, family_for_config, get_family, register_family, unregister_family
-from .model import MarsModel, PromptBatch, load_model
+from .model import MarsModel, PromptBatch
+from .loading import load_model
 from .capture import collect_activations
 from .prompts import PromptSet
 from .directions import RefusalDirections

@@ -290,7 +290,7 @@ class AutoSteer(Steerer):
         return st
 
     # -- persistence -------------------------------------------------------------------------
-    def save(self, path) -> "Path":
+    def save(self, path):
         """Write the fitted steerer as one folder: `autosteer.safetensors` (prober and head
         direction, bit-exact), `autosteer.json` (layers, strength, threshold, training metrics,
         provenance) and `sas.nc` (the SAS per layer) when fitted."""

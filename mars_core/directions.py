@@ -74,6 +74,18 @@ def _model_shape(model: Any) -> tuple[int, int]:
 model_shape = _model_shape
 
 
+def layer_index(layers: Sequence[int], n_layers: int, layer: int, missing: str = "is not available") -> int:
+    """Position of decoder layer `layer` (negative counts from the end of `n_layers`) in `layers`;
+    InputError "layer L <missing>; available layers: [...]" when it is not there."""
+    layer = int(layer)
+    if layer < 0:
+        layer += n_layers
+    try:
+        return list(layers).index(layer)
+    except ValueError:
+        raise InputError(f"layer {layer} {missing}; available layers: {list(layers)}") from None
+
+
 @dataclass(eq=False)
 class RefusalDirections:
     """Harmful/harmless centroids and their difference at every (layer, position).
@@ -253,13 +265,7 @@ class RefusalDirections:
 
     # ------------------------------------------------------------------ access
     def _layer_index(self, layer: int) -> int:
-        layer = int(layer)
-        if layer < 0:
-            layer += self.n_layers
-        try:
-            return self.layers.index(layer)
-        except ValueError:
-            raise InputError(f"Layer {layer} was not extracted; available layers: {list(self.layers)}.") from None
+        return layer_index(self.layers, self.n_layers, layer, "was not extracted")
 
     def _pos_index(self, pos: int) -> int:
         try:

@@ -85,7 +85,7 @@ def test_unknown_hub_id_offline_is_one_fast_line(tmp_path, capsys, monkeypatch):
 
     import huggingface_hub.constants as hc
 
-    import mars_core.model as model_mod
+    import mars_core.loading as model_mod
 
     monkeypatch.setattr(hc, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens: unreachable at once
     monkeypatch.setattr(model_mod, "_HUB_REACHABLE", {})

@@ -18,7 +18,7 @@ from mars_core.benchmarks.records import Record
 from mars_core.benchmarks.registry import load_benchmark
 from analysis.cli import main
 from mars_core.judges import Verdict
-from mars_core.model import load_model
+from mars_core.loading import load_model
 from mars_core.organism import load_organism
 from mars_core.scoring import SubstringJudge, refusal_scores, refusal_token_ids
 from mars_core.steering import NoSteer

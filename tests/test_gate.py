@@ -13,7 +13,7 @@ from mars_core.steering.gate import select_mars_tau
 def setup():
     from analysis.suite import organism_suite
     from mars_core.directions import RefusalDirections
-    from mars_core.model import load_model
+    from mars_core.loading import load_model
     from mars_core.organism import load_organism
     from mars_core.steering import neutral_calibration
 

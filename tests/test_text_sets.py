@@ -297,7 +297,7 @@ def test_balanced_pair():
 # ---------------------------------------------------------------- filter_by_refusal on the organism
 @pytest.fixture(scope="module")
 def organism():
-    from mars_core.model import load_model
+    from mars_core.loading import load_model
     from mars_core.organism import load_organism
 
     torch.set_num_threads(1)

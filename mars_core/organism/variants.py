@@ -50,7 +50,7 @@ def apply_offset(model, tok, gamma: float):
 def offset_ratio(model, proc, layer: int, seed: int = 0) -> float:
     """The neutral image offset's projection on the text direction at ``layer``, in text gaps
     (`MarsCalibration.at(layer)`: offset . r / (p_harm - p_safe))."""
-    from ..model import load_model
+    from ..loading import load_model
     from ..directions import RefusalDirections
     from ..steering import neutral_calibration
     from .sets import organism_suite

@@ -115,13 +115,9 @@ class MarsCalibration:
 
     # -- access --------------------------------------------------------------------------------
     def index(self, layer: int) -> int:
-        layer = int(layer)
-        if layer < 0:
-            layer += self.n_layers
-        try:
-            return self.layers.index(layer)
-        except ValueError:
-            raise InputError(f"layer {layer} is not calibrated; calibrated layers: {list(self.layers)}") from None
+        from ..directions import layer_index
+
+        return layer_index(self.layers, self.n_layers, layer, "is not calibrated")
 
     def at(self, layer: int) -> dict[str, Any]:
         """{r [D], p_harm, p_safe, gap, offsets {m: [D]}} at `layer` (float64)."""
