@@ -197,3 +197,27 @@ def test_failed_save_leaves_no_file(data, tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="disk full"):
         P.save_figure(fig, tmp_path, "comparison")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_zero_bars_overlapping_curves_and_flat_lines_stay_visible(data):
+    """A zero-height bar still draws a cap line; methods with equal curves are dodged apart; a
+    principal-angle line at 0 degrees sits above the axis, not on it."""
+    from matplotlib.collections import LineCollection
+
+    ds = data["comparison"].copy(deep=True)
+    ds["value"].loc[{"method": "mars", "metric": "harmless_text"}] = 0.0
+    fig = P.plot_comparison(ds)
+    caps = [c for c in fig.axes[0].collections if isinstance(c, LineCollection)]
+    ys = np.concatenate([np.asarray(seg)[:, :, 1].ravel() for c in caps for seg in [c.get_segments()]])
+    assert (ys == 0).any()  # the zero bar's cap
+    assert fig.axes[0].get_ylim()[0] < 0
+    cv = data["curves"].copy(deep=True)
+    cv["refused"].loc[{"method": "mars"}] = cv["refused"].sel({"method": "actadd"}).values
+    fig = P.plot_refusal_curves(cv)
+    lines = {l.get_label(): l.get_xdata() for l in fig.axes[0].get_lines()}
+    a, b = lines[P.METHODS["actadd"]["label"]], lines[P.METHODS["mars"]["label"]]
+    assert not np.allclose(a, b)  # same values, drawn apart
+    st = data["stability"].copy(deep=True)
+    st["principal_angle"].loc[{"checkpoint": st["checkpoint"].values[0], "checkpoint_b": st["checkpoint"].values[1]}] = 0
+    fig = P.plot_stability(st)
+    assert _plot_axes(fig)[-1].get_ylim()[0] < 0

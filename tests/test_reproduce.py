@@ -57,6 +57,8 @@ def test_interrupted_run_resumes_without_recomputing(tmp_path):
     }.items():
         ds = load_dataset(written[name])
         assert dims <= set(ds.dims), name
+        if name == "stability":  # says how the transplant was measured, not "callable"
+            assert ds.attrs["transplant"].startswith("ActAdd at layer") and "judged by" in ds.attrs["transplant"]
         for key in ("mars_version", "created", "model_id", "analysis"):
             assert ds.attrs[key] != "", (name, key)
         assert not str(ds.attrs["model_id"]).startswith("/"), (name, ds.attrs["model_id"])
@@ -189,6 +191,23 @@ GRAPH = STEPS + variant_steps("offset")
 @pytest.fixture(scope="module")
 def organism_sources(tmp_path_factory):
     return rp.organism_study(tmp_path_factory.mktemp("src"), settings=QUICK, log=lambda m: None).sources
+
+
+def test_no_fitted_choice_reads_harmful_multimodal_data(organism_sources):
+    """MARS's layer and gate (and AutoSteer) are fitted from text and safe data only: the fitting
+    steps read no harmful image or video set (the retired harness picked its layer by AUC on
+    harmful images)."""
+    by_name = {s.name: s for s in GRAPH}
+    for name in ("mars", "autosteer", "calibration", "directions"):
+        for r in by_name[name].reads:
+            v = organism_sources.get(r)
+            sets = v.values() if isinstance(v, dict) else [v]
+            for ps in sets:
+                if getattr(ps, "modality", "text") != "text":
+                    assert ps.harmful is not True, (name, r, ps.name)
+    assert all(ps.harmful is False for ps in organism_sources["gate_safe"].values())
+    assert all(ps.harmful is None for ps in organism_sources["neutral_media"].values())
+    assert organism_sources["harmful_text_train"].modality == "text"
 
 
 def test_every_step_reads_only_its_parameters_and_known_values(organism_sources):

@@ -182,3 +182,21 @@ def test_score_judge_agreement():
     assert math.isnan(score_judge_agreement([1.0], [True])["auroc"])
     with pytest.raises(InputError):
         score_judge_agreement([1.0, 2.0], [True])
+
+
+def test_unknown_refusal_starts_warn_once_per_tokenizer_listing_them_all():
+    """A word-level vocabulary lacks most refusal starts: one warning names them all, and the
+    pipeline's many calls for the same tokenizer add no more (there were 48 lines per run)."""
+    import warnings
+
+    from mars_core.organism import load_organism
+    from mars_core.scoring import _WARNED, refusal_token_ids
+
+    _, proc = load_organism("natural")
+    _WARNED.clear()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ids = [refusal_token_ids(proc.tokenizer) for _ in range(5)]
+    assert all(i == ids[0] for i in ids) and ids[0] == [proc.tokenizer.convert_tokens_to_ids("I")]
+    msgs = [str(w.message) for w in caught if "unknown token" in str(w.message)]
+    assert len(msgs) == 1 and "'Sorry'" in msgs[0] and "' Unfortunately'" in msgs[0]
