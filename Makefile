@@ -16,11 +16,11 @@ STAMP := $(VENV)/.mars-installed
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --quiet --upgrade pip
 	$(VENV)/bin/python -m pip install --quiet $(TORCH_SPEC)
-	$(VENV)/bin/python -m pip install --quiet -e ".[test,video]"
+	$(VENV)/bin/python -m pip install --quiet -c constraints.txt -e ".[test,video]"
 	touch $(STAMP)
 
 test: $(STAMP)

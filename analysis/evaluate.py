@@ -10,16 +10,18 @@
    existing path, loader options, a method name from `METHODS`, the judge; once the model is
    loaded and before any shard, that it takes every record's modality (a video benchmark on an
    image-only model is an error naming both).
-2. Methods are built as `mars reproduce` builds them (`analysis.reproduce`): text refusal
-   directions from the model's text prompt sets (the organism's, or the typographic suite for
-   other models), MARS calibration (neutral images; neutral videos too when a benchmark has
-   video) and layer selection, AutoSteer fitted on the text pairs. Those steps are cached in
-   `OUT/.mars_cache/` and only run when some shard must be computed.
+2. Methods are built by the study's own steps (`analysis.steps`, the graph `mars reproduce`
+   runs): text refusal directions from the model's text prompt sets (the organism's, the
+   typographic suite for other models, or the given `--harmful/--harmless` sets), MARS
+   calibration (neutral images; neutral videos too when a benchmark has video), the fitted MARS
+   (`fit_mars`), AutoSteer fitted on the text pairs. Those steps are cached in `OUT/.mars_cache/`
+   keyed by the content of what they read, so changing the direction sets refits everything
+   that depends on them.
 3. Work is split into shards: one method x one benchmark x one chunk of `chunk_size` records of
    one modality. Each shard (responses, verdicts, first-token scores, reference matches) is
    written atomically as JSON under `OUT/.mars_cache/evaluate/`, keyed by everything that
-   determines it (model, method settings, direction sets, the chunk's texts and media pixels,
-   judge, decoding length). A rerun after an interruption loads finished shards and computes
+   determines it (the model's fingerprint, the steerer's content fingerprint, the chunk's texts
+   and media pixels, judge, decoding length). A rerun after an interruption loads finished shards and computes
    only the missing ones; `fresh=True` recomputes all.
 4. The verdicts go into one labelled Dataset and a Markdown table (`analysis.evaluate_data`).
 """
