@@ -177,8 +177,9 @@ def wall_table(runs: list[Path], names: list[str]) -> str:
 
 
 def write_cards(studies: Sequence[Path], runs: Sequence[Path] = (), names: Sequence[str] | None = None,
-                video_study: Path | None = None) -> list[Path]:
-    """Rewrite weights/natural/MODEL_CARD.md and weights/offset/MODEL_CARD.md from the outputs."""
+                video_study: Path | None = None, out: Path = WEIGHTS) -> list[Path]:
+    """Rewrite `out`/natural/MODEL_CARD.md and `out`/offset/MODEL_CARD.md (default: the shipped
+    weights' folders) from the study outputs."""
     st = [Study(p) for p in studies]
     names = list(names or [f"study {i}" for i in range(len(st))])
     if len(names) != len(st) or (runs and len(runs) != len(st)):
@@ -220,7 +221,7 @@ def write_cards(studies: Sequence[Path], runs: Sequence[Path] = (), names: Seque
                   "The natural weights transplanted into Video-LLaVA (no training); fresh glyph videos "
                   "(4 frames), the same protocol.\n", protocol_table([v], ["video transplant"]),
                   "\n", mars_table([v], ["video transplant"])]
-    out = [atomic_write_text(WEIGHTS / "natural" / "MODEL_CARD.md", "\n".join(parts) + "\n")]
+    written = [atomic_write_text(Path(out) / "natural" / "MODEL_CARD.md", "\n".join(parts) + "\n")]
     off = st[0]
     if off.get("comparison_offset_variant") is not None:
         om = json.loads((WEIGHTS / "offset" / "organism.json").read_text())
@@ -239,8 +240,8 @@ def write_cards(studies: Sequence[Path], runs: Sequence[Path] = (), names: Seque
                  f"MARS with the natural organism's layer ({off.layer}) and fitted gate; this variant's own text "
                  "direction and neutral calibration (`mars reproduce`, `data/*_offset_variant.nc`); substring "
                  "judge, 8 tokens, [95% bootstrap].\n", _table(["", names[0]], rows)]
-        out.append(atomic_write_text(WEIGHTS / "offset" / "MODEL_CARD.md", "\n".join(opart) + "\n"))
-    return out
+        written.append(atomic_write_text(Path(out) / "offset" / "MODEL_CARD.md", "\n".join(opart) + "\n"))
+    return written
 
 
 def main(argv=None):

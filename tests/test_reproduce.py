@@ -97,6 +97,17 @@ def test_interrupted_run_resumes_without_recomputing(tmp_path):
     assert main(["figures", "--out", str(tmp_path)]) == 0
     assert {p.name for p in figs.iterdir()} == made
 
+    # the model cards are written from these outputs only: their numbers are the datasets'
+    from analysis.cards import write_cards
+
+    nat, off = write_cards([tmp_path], names=["quick"], out=tmp_path / "cards")
+    card = nat.read_text()
+    h = load_dataset(written["heldout"])
+    r = h["rate"].sel({"method": "none", "set": "harmful_image", "verdict": "refusal"}).values
+    assert f"{r[0]:.2f} [{r[1]:.2f}, {r[2]:.2f}]" in card and f"| MARS layer (`fit_mars`) | {op.layer}" in card
+    v = load_dataset(written["comparison_offset_variant"])["value"].sel({"method": "mars", "metric": "harmless_image"})
+    assert f"{float(v[0]):.2f} [{float(v[1]):.2f}, {float(v[2]):.2f}]" in off.read_text()
+
     # --fresh recomputes everything
     study3 = rp.organism_study(tmp_path, fresh=True, settings=QUICK, log=lambda m: None)
     rp.run(study3, figures=False, progress=False)
