@@ -101,21 +101,25 @@ def mars_table(studies: list[Study], names: list[str]) -> str:
     sp = [st.get("spurious_refusal") for st in studies]
     rows.append(["harmless images with the gate open (re-centred)"] + [
         f"{float(d['gate_open'].sel(recenter=True).mean()):.2f}" if d is not None else "-" for d in sp])
+    present = {str(x) for st in studies if st.get("heldout") is not None for x in st.get("heldout")["set"].values}
+    cap_sets = [c for c in ("captions", "captions_video") if c in present]
     for method, mlabel in (("none", "unsteered"), ("actadd", "ActAdd, 1x text gap"), ("mars", "MARS"),
                            ("mars_no_recenter", "MARS w/o re-centering")):
-        for s in ("harmful_image", "harmless_image", "objectless_image", "harmless_text"):
+        for s in [x for x in ("harmful_image", "harmless_image", "objectless_image", "harmless_text", "harmful_video",
+                              "harmless_video") if x in present]:
             cells = []
             for st in studies:
                 h = st.get("heldout")
                 ok = h is not None and s in h["set"].values and method in h["method"].values
                 cells.append(_ci(h["rate"].sel({"method": method, "set": s, "verdict": "refusal"}).values) if ok else "-")
             rows.append([f"{mlabel}: refusal, {s.replace('_', ' ')}"] + cells)
-        cells = []
-        for st in studies:
-            h = st.get("heldout")
-            ok = h is not None and "captions" in h["set"].values
-            cells.append(_ci(h["useful_rate"].sel({"method": method, "set": "captions"}).values) if ok else "-")
-        rows.append([f"{mlabel}: captions correct"] + cells)
+        for c in cap_sets:
+            cells = []
+            for st in studies:
+                h = st.get("heldout")
+                ok = h is not None and c in h["set"].values
+                cells.append(_ci(h["useful_rate"].sel({"method": method, "set": c}).values) if ok else "-")
+            rows.append([f"{mlabel}: {c.replace('_', ' ')} correct"] + cells)
     return _table(["strict judge; rate [95% Wilson]", *names], rows)
 
 
@@ -165,9 +169,11 @@ def stability_lines(studies: list[Study], names: list[str]) -> str:
     return "\n".join(out)
 
 
-def wall_table(runs: list[Path], names: list[str]) -> str:
+def wall_table(runs: list[Path | None], names: list[str]) -> str:
     rows = []
     for r, n in zip(runs, names):
+        if r is None:  # e.g. the shipped weights, trained in an earlier session
+            continue
         lg = json.loads((Path(r) / "train_log.json").read_text())
         w = lg["wall_s"]
         rows.append([n, lg.get("device", "cpu")] + [f"{w.get(k, float('nan')) / 60:.1f}"
@@ -192,8 +198,9 @@ def write_cards(studies: Sequence[Path], runs: Sequence[Path] = (), names: Seque
              f"- shipped seed {meta.get('seed')}; weights sha256[:16] `{meta.get('weights_sha256')}`; config hash "
              f"`{prov.get('config_hash')}`; data hashes `{prov.get('data_hashes')}`",
              f"- every table below: {cmd}, tables written by `python -m analysis.cards`"]
-    if runs:
-        parts += ["\n## Training wall time (minutes; 1 torch thread)\n", wall_table(list(runs), names)]
+    if any(r is not None for r in runs):
+        parts += ["\n## Training wall time (minutes; 1 torch thread, on a 2-core machine shared with other jobs)\n",
+                  wall_table(list(runs), names)]
     parts += ["\n## Held-out protocol, unsteered (`analysis.protocol`)\n",
               "Strict judge `toy-strict` (`mars_core.organism.judge`: the whole reply must be the refusal "
               "phrase, or a well-formed trained answer; anything else is *broken*); 16 greedy tokens; "
@@ -233,9 +240,11 @@ def write_cards(studies: Sequence[Path], runs: Sequence[Path] = (), names: Seque
                      f"{float(sp['gate_open'].sel(recenter=True).mean()):.2f} / "
                      f"{float(sp['gate_open'].sel(recenter=False).mean()):.2f}"])
         opart = ["# MARS model organism (toy) — `offset` variant\n", (NOTES / "offset.md").read_text(),
-                 "\n## The edit\n", f"gamma = {om.get('gamma')}; search (offset projection / text gap by gamma): "
-                 + ", ".join(f"{h['gamma']:g}: {h.get('offset_proj_over_text_gap', float('nan')):+.3f}"
-                             for h in om.get("gamma_search", [])),
+                 "\n## The edit\n", f"gamma = {om.get('gamma')}. The variant's neutral image offset projects "
+                 f"{sp.attrs.get('offset_projection_over_text_gap', {}).get('image', float('nan')):+.3f} text gaps on "
+                 f"its refusal direction at layer {off.layer} (the natural organism's: "
+                 f"{float(off.get('alignment')['offset_projection_ratio'].sel(layer=off.layer, modality='image')):+.3f}; "
+                 "`alignment.nc`).",
                  "\n## Re-centering where the offset points along the direction\n",
                  f"MARS with the natural organism's layer ({off.layer}) and fitted gate; this variant's own text "
                  "direction and neutral calibration (`mars reproduce`, `data/*_offset_variant.nc`); substring "
@@ -247,15 +256,17 @@ def write_cards(studies: Sequence[Path], runs: Sequence[Path] = (), names: Seque
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m analysis.cards", description=__doc__.split("\n\n")[0])
     ap.add_argument("--studies", nargs="+", required=True, help="`mars reproduce` outputs, shipped seed first")
-    ap.add_argument("--runs", nargs="*", default=[], help="their training runs (train_log.json), same order")
+    ap.add_argument("--runs", nargs="*", default=[],
+                    help="their training runs (train_log.json), same order; '-' for a study without one")
     ap.add_argument("--names", nargs="*", default=None, help="column names (default: from the runs' seeds)")
     ap.add_argument("--video-study", default=None, help="`mars reproduce --model organism:video` output")
     a = ap.parse_args(argv)
     names = a.names
-    if not names and a.runs:
-        seeds = [json.loads((Path(r) / "train_log.json").read_text())["seed"] for r in a.runs]
+    runs = [None if r == "-" else Path(r) for r in a.runs]
+    if not names and runs and all(runs):
+        seeds = [json.loads((r / "train_log.json").read_text())["seed"] for r in runs]
         names = [f"seed {s}" + (" (shipped)" if i == 0 else "") for i, s in enumerate(seeds)]
-    for p in write_cards([Path(s) for s in a.studies], [Path(r) for r in a.runs], names,
+    for p in write_cards([Path(s) for s in a.studies], runs, names,
                          Path(a.video_study) if a.video_study else None):
         print("wrote", p)
 

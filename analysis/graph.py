@@ -95,8 +95,20 @@ def needed(steps: Sequence[Step], targets: Iterable[str] | None) -> list[Step]:
 
 
 def step_key(step: Step, values: Mapping[str, Any]) -> dict[str, Any]:
-    """What the cache key of `step` hashes: the fingerprint of every value it reads."""
-    return {"reads": {p: fingerprint(values[r]) for p, r in zip(step.params, step.reads)}}
+    """What the cache key of `step` hashes: the fingerprint of every value it reads and the source
+    of its function (editing a step recomputes it; a change deeper in the library is covered by
+    the package version in every key, or by `fresh=True`)."""
+    return {"reads": {p: fingerprint(values[r]) for p, r in zip(step.params, step.reads)},
+            "code": _source_hash(step.fn)}
+
+
+def _source_hash(fn: Callable) -> str:
+    fn = inspect.unwrap(fn)
+    try:
+        src = inspect.getsource(fn)
+    except (OSError, TypeError):  # built in, or defined where the source is not available
+        src = f"{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', repr(fn))}"
+    return fingerprint(src)
 
 
 def run_steps(steps: Sequence[Step], sources: Mapping[str, Any], cache: StepCache, *,

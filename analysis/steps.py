@@ -271,9 +271,12 @@ def variant_study(variant, harmful_text_train, harmless_text_train, neutral_text
     per = evaluate_methods(mm, {"mars": op, "mars_no_recenter": op.variant(recenter=False)}, variant_eval_sets,
                            judge=SubstringJudge(), max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed)
     cmp = method_comparison(per, n_boot=n_boot, seed=seed)
+    at = calib.at(mars.layer)
+    ratio = {m: float(o @ at["r"]) / at["gap"] for m, o in at["offsets"].items()}
     for ds in (sp, cmp):
         ds.attrs.update({"variant": variant.name, "model_variant": variant.name, "layer": int(mars.layer),
-                         "mars_gate": mars.gate, "gate_from": "the main model's fitted MARS"})
+                         "mars_gate": mars.gate, "gate_from": "the main model's fitted MARS",
+                         "offset_projection_over_text_gap": ratio})
     return {f"spurious_{variant.name}_variant": sp, f"comparison_{variant.name}_variant": cmp}
 
 

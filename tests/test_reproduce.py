@@ -294,3 +294,17 @@ def test_swapping_the_direction_sets_recomputes_the_calibration(tmp_path):
     again = StepCache(tmp_path / ".mars_cache")
     run_steps(study.steps, src, again, targets=["calibration"])
     assert [how for _, how, _ in again.events] == ["reused", "reused"]
+
+
+def test_editing_a_step_function_changes_its_key():
+    from analysis.graph import step_key
+
+    def one(x):
+        return x + 1
+
+    def other(x):
+        return x + 2
+
+    a, b = Step("s", one, None, None, "json"), Step("s", other, None, None, "json")
+    assert step_key(a, {"x": 1}) != step_key(b, {"x": 1})
+    assert step_key(a, {"x": 1}) == step_key(a, {"x": 1}) != step_key(a, {"x": 2})
