@@ -30,24 +30,9 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import xarray as xr
 
+from mars_core.judges import reference_match
+
 __all__ = ["build_dataset", "table_markdown", "reference_match"]
-
-def reference_match(response: str, reference: str | None) -> float:
-    """1.0 if the response contains the reference answer, else 0.0 (NaN without a reference).
-
-    A PROXY for utility (MM-Vet's official score is a GPT-4 grader): text is case-folded and
-    runs of whitespace collapsed; MM-Vet's "<OR>" separates accepted alternatives (any one must
-    occur) and "<AND>" parts that must all occur.
-    """
-    if reference is None or not str(reference).strip():
-        return float("nan")
-
-    def norm(s: str) -> str:
-        return " ".join(str(s).casefold().split()).strip(" .,;:!?")
-
-    r = norm(response)
-    return float(any(all(norm(p) in r for p in alt.split("<AND>") if norm(p))
-                     for alt in str(reference).split("<OR>") if norm(alt)))
 
 
 def _f(x: Any) -> float:

@@ -43,7 +43,8 @@ def heldout_protocol(mm: Any, steerers: Mapping[str, Any], sets: Mapping[str, An
     """The protocol Dataset (module docstring). steerers: {method: Steerer}, must hold "none"
     (the reference of `same_as_unsteered` and the KL); sets: {name: PromptSet} (labelled harmful
     True/False, or None for object-less inputs); judge: a strict judge with `classify(prompts,
-    responses)`; utility: {set name: check(prompt_set, responses) -> [bool]}."""
+    responses, topics=None)` (topics: the set's `meta["topics"]`, for judges that check a reply is
+    on topic); utility: {set name: check(prompt_set, responses) -> [bool]}."""
     import torch
 
     from mars_core.scoring import SubstringJudge, kl_divergence
@@ -73,7 +74,7 @@ def heldout_protocol(mm: Any, steerers: Mapping[str, Any], sets: Mapping[str, An
         for i, meth in enumerate(methods):
             st = steerers[meth]
             outs = generate_batches(mm, st, ps, batch_size=batch_size, max_new_tokens=max_new_tokens)
-            v = list(judge.classify(ps.texts, outs))
+            v = list(judge.classify(ps.texts, outs, topics=ps.meta.get("topics")))
             bad = [x for x in v if x not in VERDICTS]
             if len(v) != n or bad:
                 raise InputError(f"judge {getattr(judge, 'name', judge)!r} returned {bad[:3] or len(v)} for {n} replies")

@@ -213,13 +213,13 @@ def comparison_steerers(mm, directions, calibration, mars, autosteer, actadd_coe
 def comparison(mm, directions, calibration, mars, autosteer, eval_sets, actadd_coeff, max_new_tokens, batch_size,
                n_boot, seed):
     """Every method on every held-out evaluation set, judged, with paired bootstrap CIs."""
-    from mars_core.organism.sets import caption_check
+    from mars_core.judges import utility_check
     from mars_core.scoring import SubstringJudge
 
     from .comparison import evaluate_methods, method_comparison
 
     steerers = comparison_steerers(mm, directions, calibration, mars, autosteer, actadd_coeff)
-    per = evaluate_methods(mm, steerers, eval_sets, judge=SubstringJudge(), caption_check=caption_check,
+    per = evaluate_methods(mm, steerers, eval_sets, judge=SubstringJudge(), caption_check=utility_check,
                            max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed)
     ds = method_comparison(per, n_boot=n_boot, seed=seed)
     ds.attrs.update({"layer": int(mars.layer), "steerers": per.provenance.get("steerers", {}),
@@ -232,13 +232,13 @@ def heldout(mm, directions, calibration, mars, protocol_sets, strict_judge, prot
     """The held-out protocol (`analysis.protocol`): unsteered, naive ActAdd (1x the text gap at
     MARS's layer) and MARS with and without re-centering on every held-out set, read whole by the
     strict judge, beside the substring judge, with utility and first-token KL."""
-    from mars_core.organism.sets import caption_check
+    from mars_core.judges import utility_check
 
     from .protocol import heldout_protocol
 
     every = comparison_steerers(mm, directions, calibration, mars, None, actadd_coeff)
     steerers = {k: every[k] for k in ("none", "actadd", "mars", "mars_no_recenter")}
-    utility = {n: caption_check for n, ps in protocol_sets.items() if n.startswith("captions")}
+    utility = {n: utility_check for n, ps in protocol_sets.items() if n.startswith("captions")}
     ds = heldout_protocol(mm, steerers, protocol_sets, strict_judge, utility=utility, max_new_tokens=protocol_tokens,
                           batch_size=batch_size, seed=seed)
     ds.attrs.update({"layer": int(mars.layer), "mars_gate": mars.gate})

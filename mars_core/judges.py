@@ -335,3 +335,36 @@ def as_verdict_judge(judge: Any = None) -> Any:
     if isinstance(judge, SubstringJudge):
         return SubstringVerdicts(judge)
     return CoreJudgeVerdicts(judge)
+
+
+# ---------------------------------------------------------------------- utility
+def reference_match(response: str, reference: str | None) -> float:
+    """1.0 if the response contains the reference answer, else 0.0 (NaN without a reference).
+
+    A PROXY for utility (MM-Vet's official score is a GPT-4 grader): text is case-folded and
+    runs of whitespace collapsed; MM-Vet's "<OR>" separates accepted alternatives (any one must
+    occur) and "<AND>" parts that must all occur.
+    """
+    if reference is None or not str(reference).strip():
+        return float("nan")
+
+    def norm(s: str) -> str:
+        return " ".join(str(s).casefold().split()).strip(" .,;:!?")
+
+    r = norm(response)
+    return float(any(all(norm(p) in r for p in alt.split("<AND>") if norm(p))
+                     for alt in str(reference).split("<OR>") if norm(alt)))
+
+
+def utility_check(ps: Any, responses: Sequence[str]) -> list[bool]:
+    """Whether each reply of a utility prompt set is the right answer: the set's
+    `meta["references"]` (an exact reading / caption answer, matched by `reference_match`), else its
+    `meta["concepts"]` (the reply names the pictured concept as a word). ValueError when the set
+    has neither."""
+    refs = ps.meta.get("references")
+    if refs is not None:
+        return [reference_match(r, ref) == 1.0 for r, ref in zip(responses, refs)]
+    concepts = ps.meta.get("concepts")
+    if concepts is None:
+        raise ValueError(f"{ps.name}: a utility set needs meta['references'] or meta['concepts']")
+    return [f" {c} " in f" {r.strip()} " for c, r in zip(concepts, responses)]

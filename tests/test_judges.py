@@ -207,3 +207,15 @@ def test_guard_judge_reports_unforced_output_verbatim(tmp_path):
     with pytest.raises(InputError, match="chat template"):
         GuardJudge(model, tok)
 
+
+
+def test_utility_check_reads_references_else_concepts():
+    from mars_core.judges import utility_check
+    from mars_core.prompts import PromptSet
+
+    refs = PromptSet("c", ["Read it.", "Read it."], meta={"references": ["baking bread", "kite"]})
+    assert utility_check(refs, ["It says: Baking bread.", "a cake"]) == [True, False]
+    named = PromptSet("c", ["What is it ?"] * 2, meta={"concepts": ["kite", "lamp"]})
+    assert utility_check(named, ["It is a kite .", "It is a kitelamp ."]) == [True, False]
+    with pytest.raises(ValueError, match="references"):
+        utility_check(PromptSet("c", ["x"]), ["y"])

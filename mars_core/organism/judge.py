@@ -56,7 +56,7 @@ class ToyJudge:
     name = "toy-strict"
     fingerprint = "toy-strict-v1"
 
-    def classify(self, prompts: Sequence[str], responses: Sequence[str]) -> list[str]:
+    def classify(self, prompts: Sequence[str], responses: Sequence[str], topics=None) -> list[str]:
         out = []
         for r in responses:
             words = r.split()

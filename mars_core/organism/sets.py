@@ -146,8 +146,8 @@ def _video_sets(seed: int, n_frames: int) -> dict[str, PromptSet]:
 
 
 def caption_check(ps: PromptSet, responses: list[str]) -> list[bool]:
-    """A caption is correct when the reply names the pictured concept (`meta["concepts"]`)."""
-    concepts = ps.meta.get("concepts")
-    if concepts is None:
-        raise ValueError(f"{ps.name}: caption_check needs meta['concepts']")
-    return [f" {c} " in f" {r.strip()} " for c, r in zip(concepts, responses)]
+    """A caption is correct when the reply names the pictured concept (`meta["concepts"]`):
+    `mars_core.judges.utility_check`."""
+    from ..judges import utility_check
+
+    return utility_check(ps, responses)
