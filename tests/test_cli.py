@@ -132,3 +132,15 @@ def test_steer_mars_fits_its_gate_or_loads_a_fitted_one(tmp_path, capsys):
     assert main([*base, "--method", "mars", "--mars", str(tmp_path / "saved")]) == 0
     out = capsys.readouterr().out
     assert "loaded the fitted MARS" in out and "I cannot help with that ." in out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("spec", ["tiny:llava", "tiny:llama"])
+def test_reproduce_runs_on_any_model_spec(spec, tmp_path, capsys):
+    """The typographic suite on a multimodal and a text-only model (no neutral media: MARS without
+    offsets); the fitted MARS and the comparison table come out either way."""
+    assert main(["reproduce", "--quick", "--quiet", "--model", spec, "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "data" / "mars" / "mars.json").is_file()
+    table = (tmp_path / "figures" / "comparison.md").read_text()
+    assert "| mars |" in table and spec in table
+    assert ("harmful image" in table) == (spec == "tiny:llava")

@@ -243,6 +243,8 @@ def neutral_calibration(mm: Any, directions: Any, neutral_text: Any, neutral_med
     """The calibration of `mm`: text directions plus o_m = mean(neutral_media[m]) - mean(text
     baseline of m) at the last prompt position of every layer (or `layers`).
 
+    A text-only model needs no neutral media (empty `neutral_media`): the calibration then holds
+    the directions and centroids only.
     neutral_text: a PromptSet of benign requests without media (the baseline of every modality),
     or {modality: PromptSet} (one baseline per modality, e.g. the same requests as that
     modality's media set); neutral_media: {modality: PromptSet of benign requests with neutral
@@ -251,7 +253,12 @@ def neutral_calibration(mm: Any, directions: Any, neutral_text: Any, neutral_med
     _check_shape(mm, directions)
     lay = list(directions.layers if layers is None else sorted({int(l) % mm.n_layers for l in layers}))
     if not neutral_media:
-        raise InputError("neutral_media is empty; give {modality: PromptSet} of neutral images or videos")
+        if mm.supports_image or mm.supports_video:
+            raise InputError("neutral_media is empty; give {modality: PromptSet} of neutral images or videos "
+                             "(mars_core.steering.neutral_sets makes some)")
+        # a text-only model: MARS steers text only, there is no modality offset to measure
+        return MarsCalibration.from_directions(directions, {}, layers=lay, layers_path=mm.family.layers_path,
+                                               provenance={"model_id": getattr(mm, "model_id", "")})
     per_mod = isinstance(neutral_text, Mapping)
     missing = [m for m in neutral_media if per_mod and m not in neutral_text]
     if missing:
