@@ -327,12 +327,14 @@ def session_map(
         with torch.no_grad():
             with mm.nn.session(remote=mode):
                 res = nnsight.save([])
+                # no temporaries in the session body: nnsight returns the body's locals whose
+                # id() is in the saved set, and a fresh result can reuse a freed saved tensor's
+                # address, which would send it back a second time
                 for item in chunk:
-                    r = fn(mm, item)
                     if combine is not None and res:
-                        res[0] = combine(res[0], r)
+                        res[0] = combine(res[0], fn(mm, item))
                     else:
-                        res.append(r)
+                        res.append(fn(mm, item))
         parts.extend(res)
     return parts if combine is None else functools.reduce(combine, parts)
 
