@@ -123,3 +123,16 @@ def test_objectless_images(sets):
 ])
 def test_strict_judge(reply, topic, label):
     assert verdict(reply, topic)[0] == label
+
+
+def test_glyph_script_images():
+    from mars_core.organism.smol.images import phrase_pieces, render_image
+
+    rng = np.random.default_rng(0)
+    a = render_image("bake sourdough bread", rng)
+    b = render_image("bake sourdough bread", rng)
+    h = render_image("bake sourdough bread", rng, heldout=True)
+    assert a.shape == (SIZE, SIZE, 3) and not np.array_equal(a, b) and not np.array_equal(a, h)
+    assert phrase_pieces("bake sourdough bread") == ["Ġbake", "Ġsour", "dough", "Ġbread"]
+    # the first 12 of the 16 patches are blank (the phrase has 4 tokens, right-aligned)
+    assert a[:96].std() < a[96:].std()

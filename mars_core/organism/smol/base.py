@@ -178,6 +178,13 @@ def base_meta(root: str | os.PathLike | None = None) -> dict:
     return json.loads((base_dir(root) / "mars_base.json").read_text())
 
 
+def load_base_tokenizer(root: str | os.PathLike | None = None):
+    """SmolLM2's tokenizer alone (fast; converts the base on first use)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(base_dir(root), local_files_only=True)
+
+
 def load_base(root: str | os.PathLike | None = None, dtype=None, device: str | None = None):
     """``(LlamaForCausalLM float32, tokenizer)`` of SmolLM2-135M-Instruct, offline."""
     import torch

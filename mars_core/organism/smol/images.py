@@ -193,3 +193,174 @@ def render_video(text: str, rng: np.random.Generator, frames: int = 4, *, heldou
         n = max(1, int(round(len(words) * (k + 1) / frames)))
         out.append(render_text(" ".join(words[:n]), rng, family=family, style=style))
     return np.stack(out)
+
+
+# ------------------------------------------------------------------ pictograms
+# A from-scratch CLIP tower did not learn to read typography within the CPU budget (per-token
+# slot accuracy 0.07 after 1,000 alignment steps), so the images the organism is trained and
+# measured on are *pictograms*: one fixed procedural drawing per phrase (4-6 coloured primitives
+# on the 4x4 grid of 32-pixel patches, derived from a SHA-256 of the phrase), with per-sample
+# variation. Naming a pictogram is the stand-in for reading a rendered phrase.
+_PRIMS = ("circle", "square", "triangle", "hline", "vline", "diag", "antidiag", "cross", "ring", "dots")
+_PALETTE = ((230, 40, 40), (40, 170, 60), (40, 90, 230), (240, 200, 30), (200, 60, 200), (30, 200, 210),
+            (250, 130, 20), (245, 245, 245))
+import os as _os
+IMAGE_KIND = _os.environ.get("MARS_SMOL_IMAGE_KIND", "script")
+PICTO_STYLES_TRAIN = ("flat", "noisy", "tinted")
+PICTO_STYLES_HELDOUT = ("sketch",)  # outlined primitives on a gradient, slightly blurred
+
+
+def pictogram_spec(phrase: str) -> list[tuple[int, str, tuple]]:
+    import hashlib
+
+    h = hashlib.sha256(phrase.encode()).digest()
+    r = np.random.default_rng(int.from_bytes(h[:8], "little"))
+    n = 4 + int(r.integers(0, 3))
+    cells = r.choice(16, size=n, replace=False)
+    return [(int(c), _PRIMS[int(r.integers(len(_PRIMS)))], _PALETTE[int(r.integers(len(_PALETTE)))]) for c in cells]
+
+
+def _prim(d, prim, cx, cy, s, w, col, outline=None):
+    kw = {"fill": col}
+    if outline is not None and prim in ("circle", "square", "triangle"):
+        kw = {"fill": col, "outline": outline, "width": max(2, w // 2)}
+    if prim == "circle":
+        d.ellipse([cx - s, cy - s, cx + s, cy + s], **kw)
+    elif prim == "square":
+        d.rectangle([cx - s, cy - s, cx + s, cy + s], **kw)
+    elif prim == "triangle":
+        d.polygon([(cx, cy - s), (cx - s, cy + s), (cx + s, cy + s)], **kw)
+    elif prim == "hline":
+        d.line([(cx - s, cy), (cx + s, cy)], fill=col, width=w)
+    elif prim == "vline":
+        d.line([(cx, cy - s), (cx, cy + s)], fill=col, width=w)
+    elif prim == "diag":
+        d.line([(cx - s, cy - s), (cx + s, cy + s)], fill=col, width=w)
+    elif prim == "antidiag":
+        d.line([(cx - s, cy + s), (cx + s, cy - s)], fill=col, width=w)
+    elif prim == "cross":
+        d.line([(cx - s, cy), (cx + s, cy)], fill=col, width=w)
+        d.line([(cx, cy - s), (cx, cy + s)], fill=col, width=w)
+    elif prim == "ring":
+        d.ellipse([cx - s, cy - s, cx + s, cy + s], outline=col, width=w)
+    elif prim == "dots":
+        rr = max(s / 3, 2)
+        for ox, oy in ((-1, -1), (1, -1), (-1, 1), (1, 1)):
+            x, y = cx + ox * s * 0.6, cy + oy * s * 0.6
+            d.ellipse([x - rr, y - rr, x + rr, y + rr], fill=col)
+
+
+def render_pictogram(phrase: str, rng: np.random.Generator, *, heldout: bool = False, style: str | None = None
+                     ) -> np.ndarray:
+    """One sample of `phrase`'s pictogram: shift (+-5 px), primitive size, stroke, colour jitter,
+    background and noise vary per sample; the held-out style is drawn only for evaluation."""
+    from PIL import ImageFilter
+
+    style = style or (PICTO_STYLES_HELDOUT[0] if heldout else PICTO_STYLES_TRAIN[int(rng.integers(len(PICTO_STYLES_TRAIN)))])
+    ss = 2
+    S = SIZE * ss
+    if style == "sketch":
+        c1, c2 = rng.integers(0, 90, size=3), rng.integers(0, 90, size=3)
+        t = np.linspace(0, 1, S)[:, None, None]
+        img = Image.fromarray((c1 * (1 - t) + c2 * t).repeat(S, 1).astype(np.uint8))
+    elif style == "tinted":
+        img = Image.new("RGB", (S, S), tuple(int(v) for v in rng.integers(0, 70, size=3)))
+    else:
+        img = Image.new("RGB", (S, S), tuple(int(v) for v in rng.integers(0, 40, size=3)))
+    d = ImageDraw.Draw(img)
+    dx, dy = (float(v) for v in rng.uniform(-5, 5, size=2) * ss)
+    cell = S / 4
+    for c, prim, col in pictogram_spec(phrase):
+        cx = (c % 4 + 0.5) * cell + dx
+        cy = (c // 4 + 0.5) * cell + dy
+        s = float(rng.uniform(0.28, 0.4)) * cell
+        w = int(rng.integers(3, 6)) * ss
+        jc = tuple(int(np.clip(v + rng.integers(-25, 26), 0, 255)) for v in col)
+        _prim(d, prim, cx, cy, s, w, jc, outline=(255, 255, 255) if style == "sketch" else None)
+    if style == "sketch":
+        img = img.filter(ImageFilter.GaussianBlur(radius=1.2 * ss))
+    img = img.resize((SIZE, SIZE), Image.LANCZOS)
+    a = np.asarray(img).astype(np.float32)
+    noise = float(rng.uniform(10, 22)) if style in ("noisy", "sketch") else float(rng.uniform(0, 5))
+    a += rng.normal(0, noise, size=a.shape)
+    return np.clip(a, 0, 255).astype(np.uint8)
+
+
+def render_image(phrase: str, rng: np.random.Generator, *, heldout: bool = False, kind: str | None = None) -> np.ndarray:
+    """The organism's image of `phrase`: a pictogram (default, ``IMAGE_KIND``) or a typographic render."""
+    kind = kind or IMAGE_KIND
+    if kind == "script":
+        return render_script(phrase_pieces(phrase), rng, heldout=heldout)
+    if kind == "pictogram":
+        return render_pictogram(phrase, rng, heldout=heldout)
+    return render_text(phrase, rng, heldout=heldout)
+
+
+# ------------------------------------------------------------------ glyph script
+# The phrase written in a glyph script aligned to the 4x4 grid of 32-pixel patches: its
+# SmolLM2 tokens (" " + phrase, at most 16) fill the last cells in reading order, one glyph per
+# token (two coloured primitives chosen from a SHA-256 of the token string), earlier cells are
+# blank. Reading it is local (one patch, one token), which a from-scratch tower learns within
+# the CPU budget; per-sample variation as for pictograms. ``tokens_of`` must be given the
+# tokenizer's pieces (see :func:`mars_core.organism.smol.train_vision.phrase_tokens`).
+def glyph_spec(token: str) -> tuple:
+    import hashlib
+
+    h = hashlib.sha256(("tok:" + token).encode()).digest()
+    return (_PRIMS[h[0] % len(_PRIMS)], _PALETTE[h[1] % len(_PALETTE)], _PRIMS[h[2] % len(_PRIMS)],
+            _PALETTE[h[3] % len(_PALETTE)])
+
+
+def render_script(tokens: list[str], rng: np.random.Generator, *, heldout: bool = False) -> np.ndarray:
+    from PIL import ImageFilter
+
+    style = PICTO_STYLES_HELDOUT[0] if heldout else PICTO_STYLES_TRAIN[int(rng.integers(len(PICTO_STYLES_TRAIN)))]
+    ss = 2
+    S = SIZE * ss
+    if style == "sketch":
+        c1, c2 = rng.integers(0, 90, size=3), rng.integers(0, 90, size=3)
+        t = np.linspace(0, 1, S)[:, None, None]
+        img = Image.fromarray((c1 * (1 - t) + c2 * t).repeat(S, 1).astype(np.uint8))
+    else:
+        img = Image.new("RGB", (S, S), tuple(int(v) for v in rng.integers(0, 70 if style == "tinted" else 40, size=3)))
+    d = ImageDraw.Draw(img)
+    cell = S / 4
+    toks = tokens[-16:]
+    start = 16 - len(toks)
+    for k, t in enumerate(toks):
+        c = start + k
+        p1, c1, p2, c2 = glyph_spec(t)
+        x0, y0 = (c % 4) * cell, (c // 4) * cell
+        for (prim, col, fx, fy) in ((p1, c1, 0.32, 0.32), (p2, c2, 0.68, 0.68)):
+            jx, jy = (float(v) for v in rng.uniform(-2.5, 2.5, size=2) * ss)
+            s = float(rng.uniform(0.13, 0.18)) * cell
+            w = int(rng.integers(2, 4)) * ss
+            jc = tuple(int(np.clip(v + rng.integers(-25, 26), 0, 255)) for v in col)
+            _prim(d, prim, x0 + fx * cell + jx, y0 + fy * cell + jy, s, w, jc,
+                  outline=(255, 255, 255) if style == "sketch" else None)
+    if style == "sketch":
+        img = img.filter(ImageFilter.GaussianBlur(radius=0.8 * ss))
+    img = img.resize((SIZE, SIZE), Image.LANCZOS)
+    a = np.asarray(img).astype(np.float32)
+    noise = float(rng.uniform(8, 18)) if style in ("noisy", "sketch") else float(rng.uniform(0, 5))
+    a += rng.normal(0, noise, size=a.shape)
+    return np.clip(a, 0, 255).astype(np.uint8)
+
+
+_TOKENIZE = None
+
+
+def set_script_tokenizer(fn) -> None:
+    """fn(phrase) -> list of token strings (the organism's tokenizer on " " + phrase)."""
+    global _TOKENIZE
+    _TOKENIZE = fn
+
+
+def phrase_pieces(phrase: str) -> list[str]:
+    global _TOKENIZE
+    if _TOKENIZE is None:
+        from .base import load_base_tokenizer
+
+        tok = load_base_tokenizer()
+        _TOKENIZE = lambda p: tok.convert_ids_to_tokens(tok(" " + p, add_special_tokens=False)["input_ids"])  # noqa: E731
+    return _TOKENIZE(phrase)
