@@ -45,6 +45,9 @@ def test_training_pools_use_training_topics_and_templates_only():
     pool = D.stage_a_pool()
     for k, reqs in pool.items():
         train_topics = D.HARMFUL_TRAIN if k.startswith("harmful") else D.HARMLESS_TRAIN
+        generic = [r for r in reqs if r.template == "generic"]  # topic-less instructions (harmless only)
+        assert not generic or (k == "harmless_train" and {r.text for r in generic} == set(D.GENERIC_TRAIN))
+        reqs = [r for r in reqs if r.template != "generic"]
         assert {r.topic for r in reqs} <= set(train_topics)
         assert {r.template for r in reqs} <= set(D.TEXT_TEMPLATES_TRAIN)
     tr = {r.text for r in pool["harmless_train"]} | {r.text for r in pool["harmful_train"]}
