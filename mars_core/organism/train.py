@@ -222,7 +222,7 @@ def run_stage(model, enc, name, steps, lr, parts, make_batch, rng, nrng, pool, l
             out = model(inputs_embeds=embeds, attention_mask=batch["attention_mask"],
                         labels=batch["labels"])
             loss = out.loss + align_weight * align
-            extra = {"align": float(align)}
+            extra = {"align": align.item()}
         else:
             out = model(**batch)
             loss = out.loss
@@ -231,7 +231,7 @@ def run_stage(model, enc, name, steps, lr, parts, make_batch, rng, nrng, pool, l
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        losses.append(float(out.loss))
+        losses.append(out.loss.item())
         if step % 50 == 0:
             bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}", **{k: f"{v:.3f}" for k, v in extra.items()})
             log.setdefault(name, []).append({"step": step, "loss": float(np.mean(losses[-50:])), **extra})

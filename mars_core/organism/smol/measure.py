@@ -274,7 +274,7 @@ class _PyRng:
 
 def mars_part(mm, S, d, layers, log=print, eval_sets=None) -> dict:
     """Naive ActAdd and the package's MARS at `layers` (gate from safe calibration data only)."""
-    from ...gate import select_mars_gate
+    from ...steering.gate import select_mars_gate
     from ...scoring import refusal_token_ids
     from ...steering import MARS, ActAdd, neutral_calibration
 

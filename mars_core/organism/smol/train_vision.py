@@ -144,9 +144,9 @@ def stage_b(model, enc, proc, R, seed, log, device, amp, quiet) -> dict:
         tot.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt2.step()
-        bar.set_postfix(read=f"{float(loss):.3f}", align=f"{float(align):.3f}")
+        bar.set_postfix(read=f"{loss.item():.3f}", align=f"{align.item():.3f}")
         if (step + 1) % 5 == 0:
-            log.setdefault("stage_b_read", []).append({"step": step + 1, "read": float(loss), "align": float(align)})
+            log.setdefault("stage_b_read", []).append({"step": step + 1, "read": loss.item(), "align": align.item()})
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
