@@ -9,7 +9,7 @@
   mars evaluate  --benchmark NAME=PATH [--methods M,..] [--judge J]  methods x benchmarks, judged
 
 `--model` takes every spec of `analysis.models` (default: the built-in organism; organism:VARIANT,
-organism:RUN_DIR, tiny:FAMILY, a hub id or a local directory). Prompt files hold one prompt per
+organism:RUN_DIR, organism:smol[:RUN_DIR], tiny:FAMILY, a hub id or a local directory). Prompt files hold one prompt per
 line, or a JSON list of strings. Every command that runs a model takes `--remote` (run its traces
 on NDIF: a hub --model and NDIF_API_KEY in the environment) and `--remote local` (the same
 requests serialized and run in this process; see docs/ndif.md). Errors are one line naming the
@@ -230,8 +230,8 @@ def _smoke(args: argparse.Namespace) -> int:
 
 
 MODEL_HELP = ("organism (default: the built-in toy organism), organism:VARIANT (natural, offset, video), "
-              "organism:RUN_DIR (a training run of mars_core.organism.train), tiny:FAMILY, a hub id or a local "
-              "directory")
+              "organism:RUN_DIR (a training run of mars_core.organism.train), organism:smol (the SmolLM2-135M "
+              "organism), organism:smol:RUN_DIR, tiny:FAMILY, a hub id or a local directory")
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:

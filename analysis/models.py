@@ -6,6 +6,11 @@ Specs every command accepts:
                            embedding direction), video (Video-LLaVA transplant, image + video)
   organism:RUN_DIR         a training run of `python -m mars_core.organism.train --out RUN_DIR`
                            (its stage3 is the model; its other stages are the checkpoints)
+  organism:smol            the SmolLM2-135M-Instruct organism (shipped seed 0;
+                           `mars_core.organism.smol`)
+  organism:smol:PATH       a SmolLM2 organism training run (`python -m mars_core.organism.smol.train
+                           --out PATH`: its stage_c is the model, stage_a / stage_b the checkpoints)
+                           or one stage folder
   tiny:FAMILY              a tiny random-weight model of a family (`mars_core.testing.build_tiny`)
   org/name or a folder     a hub id (offline: it must be in the Hugging Face cache) or a local
                            model directory
@@ -68,6 +73,36 @@ def organism_kind(spec: Any) -> str | None:
     return spec.partition(":")[2] if spec.startswith("organism:") else None
 
 
+def is_smol(kind: str | None) -> bool:
+    """Whether an organism spec's part after "organism:" names the SmolLM2 organism."""
+    return kind is not None and (kind == "smol" or kind.startswith("smol:"))
+
+
+def smol_folder(kind: str) -> tuple[Path, Path | None]:
+    """(the model's stage folder, the training run folder or None) of "smol" / "smol:PATH"."""
+    from mars_core.organism.smol.load import weights_dir
+
+    if kind == "smol":
+        return weights_dir(), None
+    p = Path(kind[len("smol:"):])
+    if (p / "stage_c" / "organism.safetensors").is_file():
+        return p / "stage_c", p
+    if (p / "organism.safetensors").is_file():
+        return p, None
+    raise InputError(f"{p} is neither a SmolLM2 organism run (no stage_c/organism.safetensors) nor a stage folder; "
+                     "give the --out folder of `python -m mars_core.organism.smol.train` or one of its stage folders")
+
+
+def smol_ref(name: str, folder: Path, model_id: str) -> ModelRef:
+    """A SmolLM2 organism folder (shipped seed or stage folder) as a ModelRef."""
+    from mars_core.loading import load_model
+    from mars_core.organism.smol import load_smol
+
+    folder = Path(folder)
+    fp = hashlib.sha256((folder / "organism.safetensors").read_bytes()).hexdigest()[:16]
+    return ModelRef(name, lambda: load_model(*load_smol(folder), family="llava", model_id=model_id), fp)
+
+
 def open_organism(kind: str):
     """(MarsModel, run folder or None) for an organism spec's part after "organism:"."""
     from mars_core.loading import load_model
@@ -75,6 +110,10 @@ def open_organism(kind: str):
     from mars_core.organism.load import BUILT_VARIANTS, VARIANTS, load_checkpoint
 
     kind = kind or "natural"
+    if is_smol(kind):
+        folder, run = smol_folder(kind)
+        mid = "mars-organism/smol-seed0" if kind == "smol" else f"mars-organism/smol-run:{(run or folder).resolve().name}"
+        return smol_ref("smol", folder, mid).load(), run
     if kind in VARIANTS or kind in BUILT_VARIANTS:
         return load_model(*load_organism(kind), model_id=f"mars-organism/{kind}"), None
     run = Path(kind)
@@ -85,7 +124,8 @@ def open_organism(kind: str):
         return load_model(*load_checkpoint(run / "stage3"), family="llava",
                           model_id=f"mars-organism/run:{run.resolve().name}"), run
     raise ArtifactError(f"no shipped organism variant {kind!r}: use organism, organism:VARIANT "
-                        f"({', '.join(VARIANTS + BUILT_VARIANTS)}) or organism:RUN_DIR (a training run folder)")
+                        f"({', '.join(VARIANTS + BUILT_VARIANTS)}), organism:RUN_DIR (a training run folder), "
+                        "organism:smol or organism:smol:RUN_DIR")
 
 
 def open_model(spec: Any, *, dtype: str | None = None, device_map: str | None = None, remote: Any = False,

@@ -154,11 +154,13 @@ def protocol_table(ds: xr.Dataset, sets: Sequence[str] | None = None, *, verdict
 
 
 def shared_structure(mm: Any, harmful_text: Any, harmless_text: Any, harmful_image: Any, harmless_image: Any, *,
-                     layers: Sequence[int] | None = None, n_splits: int = 5, batch_size: int = 32,
-                     seed: int = 0) -> xr.Dataset:
+                     split_text: tuple[Any, Any] | None = None, layers: Sequence[int] | None = None,
+                     n_splits: int = 5, batch_size: int = 32, seed: int = 0) -> xr.Dataset:
     """AUC along the text direction vs random topic splits (module docstring). Every set needs
-    `meta["concepts"]` (or `meta["topics"]`): the topic of each prompt. Returns auc [layer],
-    auc_random [layer, split], best_random [layer], margin = auc - best_random [layer]."""
+    `meta["concepts"]` (or `meta["topics"]`): the topic of each prompt. split_text: (harmful,
+    harmless) text sets on the image sets' topics for the random splits (default: the direction's
+    sets, which then must share topics with the images). Returns auc [layer], auc_random
+    [layer, split], best_random [layer], margin = auc - best_random [layer]."""
     from mars_core.capture import collect_activations
 
     def topics(ps):
@@ -176,12 +178,16 @@ def shared_structure(mm: Any, harmful_text: Any, harmless_text: Any, harmful_ima
     (ih, _), (is_, _) = acts(harmful_image), acts(harmless_image)
     d = th.mean(0) - ts.mean(0)  # [L, D]
     a = auc(np.einsum("nld,ld->ln", ih, d), np.einsum("nld,ld->ln", is_, d))
+    sh, ss = split_text if split_text is not None else (harmful_text, harmless_text)
+    if split_text is not None:
+        (th, _), (ts, _) = acts(sh), acts(ss)
     text, img = np.concatenate([th, ts]), np.concatenate([ih, is_])
-    t_top, i_top = np.concatenate([topics(harmful_text), topics(harmless_text)]), np.concatenate(
+    t_top, i_top = np.concatenate([topics(sh), topics(ss)]), np.concatenate(
         [topics(harmful_image), topics(harmless_image)])
     uniq = np.array(sorted(set(t_top) & set(i_top)), dtype=object)
     if len(uniq) < 2:
-        raise InputError("the text and image sets share fewer than two topics; random topic splits need more")
+        raise InputError("the text and image sets share fewer than two topics; random topic splits need more "
+                         "(give split_text: text sets on the image sets' topics)")
     rng = np.random.default_rng([seed, 50000])
     rand = np.full((len(lay), n_splits), np.nan)
     for k in range(n_splits):
@@ -198,7 +204,9 @@ def shared_structure(mm: Any, harmful_text: Any, harmless_text: Any, harmful_ima
         coords={"layer": lay, "split": np.arange(n_splits)},
         attrs=dataset_provenance("shared_structure", mm, {"harmful_text": harmful_text, "harmless_text": harmless_text,
                                                           "harmful_image": harmful_image,
-                                                          "harmless_image": harmless_image}, seed=seed,
+                                                          "harmless_image": harmless_image,
+                                                          **({"split_harmful_text": sh, "split_harmless_text": ss}
+                                                             if split_text is not None else {})}, seed=seed,
                                  n_splits=int(n_splits), n_topics=len(uniq)),
     )
     out["split"].attrs["long_name"] = "random topic split"

@@ -27,7 +27,7 @@ from mars_core.prompts import PromptSet
 
 from .cache import StepCache
 from .graph import Step, needed, run_steps
-from .models import ModelRef, checkpoint_ref, open_model, open_organism, organism_kind
+from .models import ModelRef, checkpoint_ref, is_smol, open_model, open_organism, organism_kind
 from .steps import STEPS, variant_steps
 
 
@@ -56,9 +56,13 @@ class Settings:
     mars_margins: tuple[float, ...] = (0.0, 0.5)
     mars_max_increase: float = 0.05
     protocol_tokens: int = 16  # greedy tokens per reply of the held-out protocol (read whole by the strict judge)
+    mars_layers: tuple[int, ...] | None = None  # MARS layer-selection candidates (None: every layer)
+    selection_layers: tuple[int, ...] | None = None  # text_selection candidate layers (None: every layer)
+    selection_positions: tuple[int, ...] | None = None  # text_selection candidate positions (None: every extracted)
 
     def __post_init__(self):
-        for name in ("strengths", "curve_layers", "mars_taus", "mars_gains", "mars_margins"):
+        for name in ("strengths", "curve_layers", "mars_taus", "mars_gains", "mars_margins", "mars_layers",
+                     "selection_layers", "selection_positions"):
             v = getattr(self, name)
             if v is not None and not isinstance(v, tuple):
                 object.__setattr__(self, name, tuple(v))
@@ -139,7 +143,12 @@ def study_sources(mm: Any, suite: dict[str, PromptSet], settings: Settings, *,
         "seed": st.seed, "batch_size": st.batch_size, "max_new_tokens": st.max_new_tokens,
         "strengths": st.strengths, "curve_layers": st.curve_layers, "actadd_coeff": st.actadd_coeff,
         "n_boot": st.n_boot, "mars_gate": st.mars_gate, "mars_grids": st.mars_grids,
-        "mars_max_increase": st.mars_max_increase,
+        "mars_max_increase": st.mars_max_increase, "mars_layers": st.mars_layers,
+        "selection_candidates": {"layers": st.selection_layers, "positions": st.selection_positions},
+        # text prompts on the image sets' topics for shared_structure's random topic splits (the
+        # SmolLM2 suite's image topics are held out of its direction's training topics)
+        "structure_text": {side: s[f"{side}_text_heldout_topics"] for side in ("harmful", "harmless")
+                           if f"{side}_text_heldout_topics" in s},
     }
     for name, ref in (variants or {}).items():
         out[f"variant_{name}"] = ref
@@ -172,7 +181,12 @@ def default_suite(spec: Any, mm: Any, seed: int) -> dict[str, PromptSet]:
 
     from .suite import typographic_suite
 
-    if isinstance(spec, (str, type(None))) and organism_kind(spec) is not None:
+    kind = organism_kind(spec) if isinstance(spec, (str, type(None))) else None
+    if is_smol(kind):
+        from mars_core.organism.smol import build_sets
+
+        return build_sets(seed)
+    if kind is not None:
         return organism_suite(seed, video=mm.supports_video)
     suite = typographic_suite(seed, image_size=media_side(mm, default=224))
     return suite if mm.supports_image else {k: v for k, v in suite.items() if v.modality == "text"}
@@ -218,6 +232,49 @@ def organism_study(out: Path, *, fresh: bool = False, settings: Settings = Setti
                  study_targets(sources, steps), {"model": mm.model_id, "suite": "toy organism"})
 
 
+SMOL_PROTOCOL = ("harmful_text", "harmless_text", "harmful_text_heldout_topics", "harmless_text_heldout_topics",
+                 "harmful_text_heldout_templates", "harmless_text_heldout_templates", "lookalike_text",
+                 "harmful_image", "harmless_image", "lookalike_image", "objectless_image", "captions")
+"""The SmolLM2 organism's held-out protocol sets (`mars_core.organism.smol.data.build_sets`), in table order."""
+SMOL_DEFAULTS = {"curve_layers": (3, 9, 15, 21, 27), "curve_n_per_set": 16, "strengths": (0.5, 1.0, 2.0, 4.0),
+                 "mars_layers": tuple(range(3, 28, 3)), "selection_layers": tuple(range(0, 30, 3)),
+                 "selection_positions": (-1,), "n_per_set": 48, "batch_size": 48}
+"""What the SmolLM2 study changes from `Settings()` where the settings leave it at the default
+(fixed before any measurement, for CPU time: a 30-layer model makes every layer x strength
+sweep 7x the toy's): sweeps and MARS layer selection on every third layer, the paper's
+direction selection at the last position only, 48 prompts per evaluation set."""
+
+
+def smol_settings(settings: Settings) -> Settings:
+    """`settings` with `SMOL_DEFAULTS` for every field still at its `Settings()` default."""
+    from dataclasses import replace
+
+    default = Settings()
+    return replace(settings, **{k: v for k, v in SMOL_DEFAULTS.items() if getattr(settings, k) == getattr(default, k)})
+
+
+def smol_study(out: Path, *, fresh: bool = False, settings: Settings = Settings(), log=print,
+               kind: str = "smol") -> Study:
+    """The SmolLM2-135M-Instruct organism (`organism:smol`, or a run `organism:smol:RUN_DIR`,
+    whose stage_b / stage_c are the stability checkpoints), its prompt suite, the held-out protocol
+    with its strict judge."""
+    from mars_core.organism.smol.judge import StrictJudge
+
+    from .models import smol_ref
+
+    mm, run_dir = open_organism(kind)
+    ckpts = {}
+    if run_dir is not None:
+        ckpts = {name: smol_ref(name, run_dir / name, f"{mm.model_id}@{name}") for name in ("stage_b", "stage_c")
+                 if (run_dir / name / "organism.safetensors").is_file()}
+    settings = smol_settings(settings)
+    sources = study_sources(mm, default_suite(f"organism:{kind}", mm, settings.seed), settings, checkpoints=ckpts,
+                            strict_judge=StrictJudge(), protocol=SMOL_PROTOCOL)
+    steps = list(STEPS)
+    return Study(sources, steps, Path(out), StepCache(Path(out) / ".mars_cache", fresh), log,
+                 study_targets(sources, steps), {"model": mm.model_id, "suite": "SmolLM2 organism"})
+
+
 def _shipped_fingerprint(variant: str) -> str:
     from mars_core.organism.load import weights_dir
 
@@ -248,6 +305,8 @@ def model_study(model: Any, out: Path, *, fresh: bool = False, settings: Setting
             raise InputError("the organism pipeline runs locally (it also loads training checkpoints and variants "
                              "that NDIF does not host); give a hub model id (--model org/name) with --remote "
                              "(mars extract / mars steer take --remote local on the organism)")
+        if is_smol(kind):
+            return smol_study(out, fresh=fresh, settings=settings, log=log, kind=kind)
         return organism_study(out, fresh=fresh, settings=settings, log=log, kind=kind)
     return hub_study(model, out, fresh=fresh, settings=settings, log=log, remote=remote, dtype=dtype,
                      device_map=device_map)

@@ -103,13 +103,15 @@ def directions(mm, harmful_text_train, harmless_text_train, batch_size, seed):
                                      progress=False)
 
 
-def text_selection(mm, directions, harmful_text_sel, harmless_text_sel, batch_size):
-    """The refusal-direction paper's (layer, position) scoring on held-out text (an analysis)."""
+def text_selection(mm, directions, harmful_text_sel, harmless_text_sel, selection_candidates, batch_size):
+    """The refusal-direction paper's (layer, position) scoring on held-out text (an analysis);
+    candidates: {"layers", "positions"} (None: every extracted one)."""
     from mars_core.scoring import refusal_token_ids
     from mars_core.selection import select_direction
 
-    return select_direction(mm, directions, harmful_text_sel.texts, harmless_text_sel.texts, layers=None,
-                            positions=None, refusal_ids=refusal_token_ids(mm.tokenizer), batch_size=batch_size)
+    return select_direction(mm, directions, harmful_text_sel.texts, harmless_text_sel.texts,
+                            layers=selection_candidates["layers"], positions=selection_candidates["positions"],
+                            refusal_ids=refusal_token_ids(mm.tokenizer), batch_size=batch_size)
 
 
 def calibration(mm, directions, neutral_text, neutral_media, batch_size):
@@ -120,12 +122,12 @@ def calibration(mm, directions, neutral_text, neutral_media, batch_size):
 
 
 def mars(mm, calibration, harmful_text_train, gate_safe, neutral_media, mars_gate, mars_grids, mars_max_increase,
-         batch_size):
+         mars_layers, batch_size):
     """MARS fitted from text and safe data (`fit_mars`): layer, then gate, then the layer again."""
     from mars_core.steering import fit_mars
 
     return fit_mars(mm, calibration, harmful_text_train, gate_safe, neutral=neutral_media, gate=mars_gate,
-                    max_increase=mars_max_increase, batch_size=batch_size, **mars_grids)
+                    layers=mars_layers, max_increase=mars_max_increase, batch_size=batch_size, **mars_grids)
 
 
 def mars_layer(mars):
@@ -245,11 +247,13 @@ def heldout(mm, directions, calibration, mars, protocol_sets, strict_judge, prot
     return ds
 
 
-def shared_structure(mm, harmful_text_train, harmless_text_train, eval_sets, batch_size, seed):
-    """Harm signal of held-out image requests along the text direction vs random topic splits."""
+def shared_structure(mm, harmful_text_train, harmless_text_train, structure_text, eval_sets, batch_size, seed):
+    """Harm signal of held-out image requests along the text direction vs random topic splits
+    (the splits' text: `structure_text` {"harmful", "harmless"} when given, else the direction's)."""
     from .protocol import shared_structure as structure
 
     return structure(mm, harmful_text_train, harmless_text_train, eval_sets["harmful_image"], eval_sets["harmless_image"],
+                     split_text=(structure_text["harmful"], structure_text["harmless"]) if structure_text else None,
                      batch_size=batch_size, seed=seed)
 
 

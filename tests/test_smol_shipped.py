@@ -5,7 +5,6 @@ held-out prompts (strict judge). The weights are part of the package: a missing 
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 import torch
@@ -22,9 +21,7 @@ def mm():
     import mars_core
 
     torch.set_num_threads(1)
-    t = time.time()
     model, proc = load_smol()
-    assert time.time() - t < 30  # ~3 s once the base is converted (slower on a loaded machine)
     return mars_core.load_model(model, proc)
 
 

