@@ -183,3 +183,31 @@ def test_fitted_gate_closes_the_safety_gap_on_the_organism(setup):
     assert rate("harmful_image", NoSteer()) <= 0.5  # the safety gap
     assert rate("harmful_image", mars) >= 0.85
     assert rate("harmless_image", mars) <= 0.10 and rate("harmless_text", mars) <= 0.05
+
+
+def test_gate_open_share_matches_the_operator_and_warns_when_wide(setup):
+    """gate_open [set] is the share of each safe set whose re-centred score (computed here from
+    captured activations and `mars_strength`, not through the gate's traces) exceeds the chosen tau;
+    a gate open on most safe prompts is a warning."""
+    import warnings
+
+    import torch
+
+    from mars_core.capture import collect_activations
+    from mars_core.steering import MARS
+    from mars_core.steering.gate import select_mars_gate
+
+    mm, calib, safe, _ = setup
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        gate, ds = select_mars_gate(mm, calib, 2, safe, taus=[0.0], gains=[0.5], margins=[0.0], max_increase=0.99,
+                                    batch_size=16)
+    assert gate["tau"] == 0.0
+    st = MARS(calib, 2, **gate)
+    for name, ps in safe.items():
+        acts = collect_activations(mm, ps.texts, **ps.media_kwargs(), layers=[2], positions="last", reduce="none",
+                                   batch_size=16, progress=False)["acts"].values[:, 0, 0]
+        s = st.strength(torch.as_tensor(acts), ps.modality)["score"]
+        assert float(ds["gate_open"].sel(set=name)) == pytest.approx(float((s > gate["tau"]).double().mean()), abs=1e-9)
+    assert float(ds["gate_open"].max()) > 0.5  # tau 0 (the harmless centroid): open for much of a safe set
+    assert any("opens on most prompts" in str(x.message) for x in w)

@@ -21,6 +21,7 @@ import warnings
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+import torch
 
 from ..errors import InputError
 from ..prompts import PromptSet
@@ -74,7 +75,8 @@ def select_mars_gate(
     Returns `(gate, xarray.Dataset)`: `gate = {"tau", "gain", "margin"}` (ready for
     `MARS(calibration, layer, **gate)`); the Dataset has `rate [set, tau, gain, margin]` (refusal
     rate under MARS), `base_rate [set]` (unsteered), `increase`, `feasible [tau, gain, margin]`,
-    `evaluated [tau, gain, margin]`, `n_prompts [set]`, attrs `selected_tau/gain/margin`,
+    `evaluated [tau, gain, margin]`, `gate_open [set]` (share of each safe set whose re-centred
+    score exceeds the chosen tau; a warning when it is over half), `n_prompts [set]`, attrs `selected_tau/gain/margin`,
     `max_increase`, `fallback` (True when no point is feasible: the most closed gate, largest
     tau, smallest gain and margin, is returned and a warning issued) and the sets' hashes.
     """
@@ -124,6 +126,15 @@ def select_mars_gate(
         # lexicographic: smallest tau, then largest gain, then largest margin
         j, k, m_ = max(zip(*np.nonzero(feasible)), key=lambda p: (-p[0], p[1], p[2]))
     gate = {"tau": float(taus[j]), "gain": float(gains[k]), "margin": float(margins[m_])}
+    # how often the chosen gate opens (re-centred score s > tau) on each safe set
+    chosen = MARS(calibration, layer, **gate, **kw)
+    opens = np.array([float(torch.cat([chosen.last_logits(mm, b)[1]["score"].reshape(-1) for b in batches[n]])
+                            .gt(gate["tau"]).double().mean()) for n in names])
+    wide = [f"{n} {o:.0%}" for n, o in zip(names, opens) if o > 0.5]
+    if wide:
+        warnings.warn(f"the fitted MARS gate (tau={gate['tau']:g}) opens on most prompts of safe set(s) "
+                      f"{', '.join(wide)}: the gain and trust region, not the gate, keep them from refusing",
+                      stacklevel=2)
     tgm = ("tau", "gain", "margin")
     ds = xr.Dataset(
         {
@@ -132,6 +143,7 @@ def select_mars_gate(
             "increase": var(("set",) + tgm, inc, "refusal rate under MARS minus unsteered", "fraction"),
             "feasible": (tgm, feasible, {"long_name": f"every safe set within +{max_increase:g} refusal"}),
             "evaluated": (tgm, evaluated, {"long_name": "grid point scored (early stopping skips the rest)"}),
+            "gate_open": var(("set",), opens, "share of the safe set with the chosen gate open (s > tau)", "fraction"),
             "n_prompts": (("set",), np.array([len(safe_sets[n]) for n in names]),
                           {"long_name": "prompts in the safe set", "units": "count"}),
         },
