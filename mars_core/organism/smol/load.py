@@ -61,7 +61,7 @@ def assemble(tensors: dict, prov: dict, base_model, tok):
     import torch
 
     from .build import build_model
-    from .train import merge_lora
+    from .tuning import merge_lora
 
     with torch.random.fork_rng(devices=[]):
         model = build_model(0, base_model, tok)

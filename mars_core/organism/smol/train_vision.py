@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from . import data as D
 from .build import N_IMAGE_TOKENS
 from .images import render_image
-from .train import _text_mix, add_lora, collate, lm_loss, lora_state, lr_at, merge_lora, pixel_values, remove_lora
+from .tuning import _text_mix, add_lora, collate, lm_loss, lora_state, lr_at, merge_lora, pixel_values, remove_lora
 
 FILLER = "\n"  # the embedding the free image-token slots are pulled toward
 
