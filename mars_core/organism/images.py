@@ -36,14 +36,20 @@ def glyph_spec(concept: str) -> dict:
             "color": [int(c) for c in hue_rgb]}
 
 
-def _draw_prim(d: ImageDraw.ImageDraw, prim: str, cx: float, cy: float, s: float, w: int,
-               col: tuple) -> None:
+def draw_primitive(d: ImageDraw.ImageDraw, prim: str, cx: float, cy: float, s: float, w: int,
+                   col: tuple, outline: tuple | None = None) -> None:
+    """Draw one primitive (circle, square, triangle, hline, vline, diag, antidiag, cross, ring,
+    dots) of half-size `s` and stroke `w` centred at (cx, cy); `outline` (filled shapes only) adds
+    a border of that colour."""
+    kw = {"fill": col}
+    if outline is not None and prim in ("circle", "square", "triangle"):
+        kw = {"fill": col, "outline": outline, "width": max(2, w // 2)}
     if prim == "circle":
-        d.ellipse([cx - s, cy - s, cx + s, cy + s], fill=col)
+        d.ellipse([cx - s, cy - s, cx + s, cy + s], **kw)
     elif prim == "square":
-        d.rectangle([cx - s, cy - s, cx + s, cy + s], fill=col)
+        d.rectangle([cx - s, cy - s, cx + s, cy + s], **kw)
     elif prim == "triangle":
-        d.polygon([(cx, cy - s), (cx - s, cy + s), (cx + s, cy + s)], fill=col)
+        d.polygon([(cx, cy - s), (cx - s, cy + s), (cx + s, cy + s)], **kw)
     elif prim == "hline":
         d.line([(cx - s, cy), (cx + s, cy)], fill=col, width=w)
     elif prim == "vline":
@@ -91,7 +97,7 @@ def draw_glyph(concept: str, rng: np.random.Generator, *, shift: tuple[float, fl
             gx, gy = cell % 3, cell // 3
             cx = (SIZE / 2 + (gx - 1) * 9.5 * scale + dx) * _SS
             cy = (SIZE / 2 + (gy - 1) * 9.5 * scale + dy) * _SS
-            _draw_prim(d, prim, cx, cy, 4.0 * scale * _SS, w, col)
+            draw_primitive(d, prim, cx, cy, 4.0 * scale * _SS, w, col)
     return _finish(img, rng, noise)
 
 

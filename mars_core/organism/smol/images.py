@@ -22,6 +22,7 @@ from functools import lru_cache
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+from ..images import draw_primitive
 
 SIZE = 128
 
@@ -197,15 +198,14 @@ def render_video(text: str, rng: np.random.Generator, frames: int = 4, *, heldou
 
 # ------------------------------------------------------------------ pictograms
 # A from-scratch CLIP tower did not learn to read typography within the CPU budget (per-token
-# slot accuracy 0.07 after 1,000 alignment steps), so the images the organism is trained and
-# measured on are *pictograms*: one fixed procedural drawing per phrase (4-6 coloured primitives
-# on the 4x4 grid of 32-pixel patches, derived from a SHA-256 of the phrase), with per-sample
-# variation. Naming a pictogram is the stand-in for reading a rendered phrase.
+# slot accuracy 0.07 after 1,000 alignment steps). Two stand-ins for reading a rendered phrase:
+# *pictograms* (here: one fixed procedural drawing per phrase, 4-6 coloured primitives on the 4x4
+# grid of 32-pixel patches, derived from a SHA-256 of the phrase, with per-sample variation) and
+# the glyph script below, which the shipped recipe uses (``MARS_SMOL_IMAGE_KIND``, default "script").
 _PRIMS = ("circle", "square", "triangle", "hline", "vline", "diag", "antidiag", "cross", "ring", "dots")
 _PALETTE = ((230, 40, 40), (40, 170, 60), (40, 90, 230), (240, 200, 30), (200, 60, 200), (30, 200, 210),
             (250, 130, 20), (245, 245, 245))
-import os as _os
-IMAGE_KIND = _os.environ.get("MARS_SMOL_IMAGE_KIND", "script")
+IMAGE_KIND = os.environ.get("MARS_SMOL_IMAGE_KIND", "script")
 PICTO_STYLES_TRAIN = ("flat", "noisy", "tinted")
 PICTO_STYLES_HELDOUT = ("sketch",)  # outlined primitives on a gradient, slightly blurred
 
@@ -218,36 +218,6 @@ def pictogram_spec(phrase: str) -> list[tuple[int, str, tuple]]:
     n = 4 + int(r.integers(0, 3))
     cells = r.choice(16, size=n, replace=False)
     return [(int(c), _PRIMS[int(r.integers(len(_PRIMS)))], _PALETTE[int(r.integers(len(_PALETTE)))]) for c in cells]
-
-
-def _prim(d, prim, cx, cy, s, w, col, outline=None):
-    kw = {"fill": col}
-    if outline is not None and prim in ("circle", "square", "triangle"):
-        kw = {"fill": col, "outline": outline, "width": max(2, w // 2)}
-    if prim == "circle":
-        d.ellipse([cx - s, cy - s, cx + s, cy + s], **kw)
-    elif prim == "square":
-        d.rectangle([cx - s, cy - s, cx + s, cy + s], **kw)
-    elif prim == "triangle":
-        d.polygon([(cx, cy - s), (cx - s, cy + s), (cx + s, cy + s)], **kw)
-    elif prim == "hline":
-        d.line([(cx - s, cy), (cx + s, cy)], fill=col, width=w)
-    elif prim == "vline":
-        d.line([(cx, cy - s), (cx, cy + s)], fill=col, width=w)
-    elif prim == "diag":
-        d.line([(cx - s, cy - s), (cx + s, cy + s)], fill=col, width=w)
-    elif prim == "antidiag":
-        d.line([(cx - s, cy + s), (cx + s, cy - s)], fill=col, width=w)
-    elif prim == "cross":
-        d.line([(cx - s, cy), (cx + s, cy)], fill=col, width=w)
-        d.line([(cx, cy - s), (cx, cy + s)], fill=col, width=w)
-    elif prim == "ring":
-        d.ellipse([cx - s, cy - s, cx + s, cy + s], outline=col, width=w)
-    elif prim == "dots":
-        rr = max(s / 3, 2)
-        for ox, oy in ((-1, -1), (1, -1), (-1, 1), (1, 1)):
-            x, y = cx + ox * s * 0.6, cy + oy * s * 0.6
-            d.ellipse([x - rr, y - rr, x + rr, y + rr], fill=col)
 
 
 def render_pictogram(phrase: str, rng: np.random.Generator, *, heldout: bool = False, style: str | None = None
@@ -276,7 +246,7 @@ def render_pictogram(phrase: str, rng: np.random.Generator, *, heldout: bool = F
         s = float(rng.uniform(0.28, 0.4)) * cell
         w = int(rng.integers(3, 6)) * ss
         jc = tuple(int(np.clip(v + rng.integers(-25, 26), 0, 255)) for v in col)
-        _prim(d, prim, cx, cy, s, w, jc, outline=(255, 255, 255) if style == "sketch" else None)
+        draw_primitive(d, prim, cx, cy, s, w, jc, outline=(255, 255, 255) if style == "sketch" else None)
     if style == "sketch":
         img = img.filter(ImageFilter.GaussianBlur(radius=1.2 * ss))
     img = img.resize((SIZE, SIZE), Image.LANCZOS)
@@ -287,7 +257,8 @@ def render_pictogram(phrase: str, rng: np.random.Generator, *, heldout: bool = F
 
 
 def render_image(phrase: str, rng: np.random.Generator, *, heldout: bool = False, kind: str | None = None) -> np.ndarray:
-    """The organism's image of `phrase`: a pictogram (default, ``IMAGE_KIND``) or a typographic render."""
+    """The organism's image of `phrase` by `kind` (default ``IMAGE_KIND``): "script" (the glyph
+    script, shipped recipe), "pictogram", or "text" (a typographic render)."""
     kind = kind or IMAGE_KIND
     if kind == "script":
         return render_script(phrase_pieces(phrase), rng, heldout=heldout)
@@ -336,7 +307,7 @@ def render_script(tokens: list[str], rng: np.random.Generator, *, heldout: bool 
             s = float(rng.uniform(0.13, 0.18)) * cell
             w = int(rng.integers(2, 4)) * ss
             jc = tuple(int(np.clip(v + rng.integers(-25, 26), 0, 255)) for v in col)
-            _prim(d, prim, x0 + fx * cell + jx, y0 + fy * cell + jy, s, w, jc,
+            draw_primitive(d, prim, x0 + fx * cell + jx, y0 + fy * cell + jy, s, w, jc,
                   outline=(255, 255, 255) if style == "sketch" else None)
     if style == "sketch":
         img = img.filter(ImageFilter.GaussianBlur(radius=0.8 * ss))

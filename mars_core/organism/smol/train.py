@@ -41,7 +41,6 @@ import shutil
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -49,7 +48,7 @@ from ...provenance import atomic_write_json, make_provenance
 from . import data as D
 from .build import IMAGE_TOKEN, N_IMAGE_TOKENS, build_model, build_processor, build_tokenizer
 from .tuning import (  # noqa: F401  (re-exported: the stages' shared helpers)
-    LORA_TARGETS, _text_mix, add_lora, collate, lm_loss, lora_state, lr_at, merge_lora, pixel_values, remove_lora,
+    LORA_TARGETS, _text_mix, optimizer_step, add_lora, collate, lm_loss, lora_state, lr_at, merge_lora, pixel_values, remove_lora,
 )
 
 DISTILL_TOKENS = 32
@@ -221,14 +220,7 @@ def stage_a(model, enc, pool, targets, R, seed, log, device, amp, quiet):
             g["lr"] = lr_at(step, R["steps"], R["lr"], R["warmup"])
         batch = collate(enc, _text_mix(rng, pool, targets, R["batch"], R["harmful"]))
         loss = lm_loss(model, batch, amp, R["first_weight"])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        losses.append(float(loss.detach()))
-        bar.set_postfix(loss=f"{np.mean(losses[-10:]):.3f}")
-        if (step + 1) % 10 == 0:
-            log.setdefault("stage_a_loss", []).append({"step": step + 1, "loss": float(np.mean(losses[-10:]))})
+        optimizer_step(opt, params, loss, step, losses, bar, log, "stage_a_loss")
         if R["check_every"] and (step + 1) % R["check_every"] == 0 and step + 1 < R["steps"]:
             model.eval()
             ck = {"step": step + 1, "harmful": first_token_check(model, enc, pool["harmful_check"]),

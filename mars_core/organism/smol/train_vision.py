@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from . import data as D
 from .build import N_IMAGE_TOKENS
 from .images import render_image
-from .tuning import _text_mix, add_lora, collate, lm_loss, lora_state, lr_at, merge_lora, pixel_values, remove_lora
+from .tuning import _text_mix, add_lora, optimizer_step, collate, lm_loss, lora_state, lr_at, merge_lora, pixel_values, remove_lora
 
 FILLER = "\n"  # the embedding the free image-token slots are pulled toward
 
@@ -184,14 +184,7 @@ def stage_c(model, enc, proc, pool, targets, c_pool, tg_c, R, seed, log, device,
         rng.shuffle(exs)
         batch = collate(enc, exs, proc.image_processor)
         loss = lm_loss(model, batch, amp, R.get("first_weight", 0.0))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        losses.append(float(loss.detach()))
-        bar.set_postfix(loss=f"{np.mean(losses[-10:]):.3f}")
-        if (step + 1) % 10 == 0:
-            log.setdefault("stage_c_loss", []).append({"step": step + 1, "loss": float(np.mean(losses[-10:]))})
+        optimizer_step(opt, params, loss, step, losses, bar, log, "stage_c_loss")
     model.eval()
     tensors = lora_state(model, "c")
     remove_lora(model)

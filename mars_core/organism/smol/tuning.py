@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import random
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -155,3 +156,16 @@ def _text_mix(rng: random.Random, pool: dict, targets: dict, n: int, n_harm: int
         exs.append({"user": pool["harmless_train"][i].text, "target": targets["harmless"][i], "image": None})
     rng.shuffle(exs)
     return exs
+
+
+def optimizer_step(opt, params, loss: torch.Tensor, step: int, losses: list[float], bar, log: dict, key: str) -> None:
+    """One clipped (norm 1) optimizer step on `loss`; the running loss on the progress bar and,
+    every 10 steps, the mean of the last 10 in `log[key]`."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    losses.append(float(loss.detach()))
+    bar.set_postfix(loss=f"{np.mean(losses[-10:]):.3f}")
+    if (step + 1) % 10 == 0:
+        log.setdefault(key, []).append({"step": step + 1, "loss": float(np.mean(losses[-10:]))})
