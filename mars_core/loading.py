@@ -7,6 +7,7 @@ InputError when the hub cannot be reached (no retry storm); a cached one loads f
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Any
@@ -72,21 +73,22 @@ def load_model(
         model_id = model_id or (f"local:{Path(source).resolve().name}" if local_dir else source)
         tokenizer, proc = _split_processor(processor, fam, model_id)
         load_kwargs = dict(kwargs)
-        if offline:
-            load_kwargs["local_files_only"] = True
         if dtype is not None:
             load_kwargs["dtype"] = _as_dtype(dtype)
         if device_map is not None:
             load_kwargs["device_map"] = device_map
-        nn = nnsight.TransformersModel(
-            source,
-            task="image-text-to-text" if proc is not None else "text-generation",
-            processor=proc,
-            tokenizer=tokenizer,
-            dispatch=remote in (False, "local"),
-            trust_remote_code=trust_remote_code,
-            **load_kwargs,
-        )
+        # offline: the hub's offline switch, not local_files_only= (nnsight hands that to the pipeline
+        # as a model kwarg, which collides with the pipeline's own local_files_only)
+        with _hub_offline_mode(offline):
+            nn = nnsight.TransformersModel(
+                source,
+                task="image-text-to-text" if proc is not None else "text-generation",
+                processor=proc,
+                tokenizer=tokenizer,
+                dispatch=remote in (False, "local"),
+                trust_remote_code=trust_remote_code,
+                **load_kwargs,
+            )
         ndif = remote not in (False, "local")
         mm = MarsModel(nn, fam, proc, tokenizer, model_id, hf=None if ndif else nn._module)
         if remote:  # every top-level trace in this mode; the package's code travels by value
@@ -122,6 +124,20 @@ def load_model(
 
 
 _HUB_REACHABLE: dict[str, bool] = {}
+
+
+@contextlib.contextmanager
+def _hub_offline_mode(on: bool):
+    """Within the block, huggingface_hub treats the hub as offline (cache only) when `on`."""
+    from huggingface_hub import constants
+
+    before = constants.HF_HUB_OFFLINE
+    if on:
+        constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = before
 
 
 def _hub_reachable() -> bool:
