@@ -461,6 +461,115 @@ def ndif_mm(fresh_mm, fake_ndif, monkeypatch):
     return fresh_mm
 
 
+class _FinalizeSpy:
+    """Records the result blobs nnsight's RemoteBackend.finalize receives (and whether they
+    are zstd frames)."""
+
+    def __init__(self, monkeypatch):
+        self.zstd: list[bool] = []
+        orig = RemoteBackend.finalize
+
+        def finalize(backend, content):
+            self.zstd.append(content[:4] == b"\x28\xb5\x2f\xfd")
+            return orig(backend, content)
+
+        monkeypatch.setattr(RemoteBackend, "finalize", finalize)
+
+
+@pytest.mark.parametrize("mode, compress", [("fake_ndif", True), ("fake_ndif", False), ("local", None)])
+def test_unsaved_values_do_not_come_back(setup, ndif_mm, fake_ndif, monkeypatch, mode, compress):
+    """Issue 13, item 4: a value computed in a trace but not saved stays on the server. After
+    the block its name is unbound (UnboundLocalError, nnsight raises nothing of its own) or keeps
+    what it had before; the same code with nnsight.save gets the values. The fake NDIF and
+    nnsight's remote="local" simulation agree. Against the fake, the result comes back through
+    RemoteBackend.finalize, zstd-compressed exactly when the request is."""
+    _, mm, _, batch = setup
+    if mode == "local":
+        model, remote = mm, "local"
+    else:
+        model, remote = ndif_mm, True
+        monkeypatch.setattr(CONFIG.API, "COMPRESS", compress)
+    spy = _FinalizeSpy(monkeypatch)
+    n0 = fake_ndif.n
+    before = object()
+    kept = before
+    with torch.no_grad():
+        with model.nn.trace(batch.inputs, remote=remote):
+            kept = model.layers[1].output[:, -1]  # no save
+            h = model.layers[1].output[:, -1] * 2  # no save
+    assert kept is before
+    with pytest.raises(UnboundLocalError, match="'h'"):
+        h  # noqa: B018
+    with torch.no_grad():
+        with model.nn.trace(batch.inputs, remote=remote):
+            kept = nnsight.save(model.layers[1].output[:, -1])
+            h = nnsight.save(model.layers[1].output[:, -1] * 2)
+    with torch.no_grad():
+        with mm.nn.trace(batch.inputs):
+            ref = nnsight.save(mm.layers[1].output[:, -1])
+    assert torch.equal(kept, ref) and torch.equal(h, ref * 2)
+    if mode == "local":
+        assert fake_ndif.n == n0 and spy.zstd == []
+    else:
+        assert fake_ndif.n - n0 == 2
+        assert [r["saved"] for r in fake_ndif.replies[-2:]] == [[], ["h", "kept"]]
+        assert spy.zstd == [compress, compress]
+        assert all((b[:4] == b"\x28\xb5\x2f\xfd") == compress for b in fake_ndif.blobs[-2:])
+
+
+def test_fake_ndif_session_keeps_unsaved_values_on_the_server(setup, ndif_mm, fake_ndif):
+    """test_session_keeps_intermediates_on_the_model_side against the fake NDIF: unsaved values
+    flow from trace to trace of a session on the server; only saved ones come back."""
+    _, mm, cal, batch = setup
+    st = MARS(cal, 1, tau=-5.0)
+    with torch.no_grad():
+        with ndif_mm.nn.session():  # remote: the model's default
+            with ndif_mm.nn.trace(batch.inputs):
+                h = ndif_mm.layers[0].output[:, -1]  # not saved: stays in the session
+            with ndif_mm.nn.trace(batch.inputs):
+                ndif_mm.layers[0].output[:, -1] = h * 1.0
+                rec = st.apply(ndif_mm, batch, record=True)
+                logits = nnsight.save(ndif_mm.logits_envoy.output[:, -1])
+    assert "h" not in locals()
+    assert fake_ndif.replies[-1]["saved"] == ["logits", "rec"]
+    ref, ref_rec = st.last_logits(mm, batch)
+    assert torch.equal(logits, ref) and torch.equal(rec["alpha"], ref_rec["alpha"])
+
+
+def test_fake_ndif_returns_package_objects_as_the_clients_classes(setup, ndif_mm, fake_ndif):
+    """A saved object whose class travelled by value comes back as an instance of the client's
+    own class; saving a shipped object returns it under every name it has in the block (the
+    server collects saved values by identity), so `st` is rebound to the returned copy too."""
+    _, mm, cal, batch = setup
+    st = orig = MARS(cal, 1, tau=-5.0)
+    with torch.no_grad():
+        with ndif_mm.nn.trace(batch.inputs):
+            back = nnsight.save(st)
+    assert fake_ndif.replies[-1]["saved"] == ["back", "st"]
+    assert type(back) is MARS and back is st and back is not orig
+    assert back.fingerprint == orig.fingerprint
+
+
+def test_fake_ndif_streams_prints_and_reports_errors(setup, ndif_mm, fake_ndif, capsys):
+    """Prints in the block come back as LOG responses; an exception in the block comes back as
+    nnsight's RemoteError carrying the user's traceback (no server or nnsight frames)."""
+    _, _, _, batch = setup
+    with torch.no_grad():
+        with ndif_mm.nn.trace(batch.inputs):
+            print("hello from the server")
+            n = nnsight.save(ndif_mm.layers[0].output.shape[0])
+    assert n == 2
+    assert any(r.status.value == "LOG" and r.description == "hello from the server" for r in fake_ndif.responses)
+    assert "hello from the server" in capsys.readouterr().out  # nnsight's status display shows it
+    with pytest.raises(RemoteError, match="ValueError: no such thing") as e:
+        with torch.no_grad():
+            with ndif_mm.nn.trace(batch.inputs):
+                raise ValueError("no such thing")
+    text = str(e.value)
+    assert "test_remote.py" in text and "ndif_fake_server" not in text and "site-packages/nnsight" not in text
+    assert fake_ndif.replies[-1]["status"] == "ERROR"
+
+
 def _evaluation_flows(mm, cal):
     """A steered generate, first-token scoring and a capture on image batches."""
     st = MARS(cal, 1, tau=-5.0)
