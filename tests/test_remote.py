@@ -2,27 +2,23 @@
 
 1. `remote="local"`: nnsight serializes the request, deserializes it with non-server modules
    hidden, and runs it; results must equal a local run exactly.
-2. A stronger, cross-process round trip: the request is serialized here
-   (`RequestModel.serialize`) and deserialized and executed by a separate `python -I` process
-   in a temporary directory in which importing `mars_core` is impossible (a meta-path blocker
-   raises ModuleNotFoundError, which also defeats an editable install). It must run and give the
-   same numbers, proving the request carries the package's code by value
-   (`nnsight.register(mars_core)`). Without the registration the same request fails there with
-   ModuleNotFoundError.
+2. A stronger, cross-process round trip through the fake NDIF of `tests/ndif_fake.py`:
+   nnsight's RemoteBackend serializes the request here and a separate `python -I` process in
+   which importing `mars_core` is impossible (a meta-path blocker raises ModuleNotFoundError,
+   which also defeats an editable install) deserializes and runs it the way the NDIF server
+   does, sending back only the values marked saved. It must run and give the same numbers,
+   proving the request carries the package's code by value (`nnsight.register(mars_core)`).
+   Without the registration the same request fails there with ModuleNotFoundError, and code
+   that forgets a save fails as it would on NDIF.
 """
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-import textwrap
 
 import nnsight
 import pytest
 import torch
-from nnsight.schema.request import RequestModel
-from nnsight.tracing.backend import Backend
 
 import mars_core
 from mars_core import load_model
@@ -93,83 +89,13 @@ def test_remote_local_generate_every_step(setup):
 
 
 # ============================================================================ cross-process
-class _Capture(Backend):
-    """A backend that only serializes the request (what RemoteBackend would send)."""
-
-    def __call__(self, tracer):
-        self.blob = RequestModel.serialize(tracer)
-
-
-SERVER = textwrap.dedent(
-    r'''
-    import importlib.abc, json, sys
-
-    class _NoMars(importlib.abc.MetaPathFinder):
-        """The 'server' does not have mars_core: refuse every import of it."""
-        def find_spec(self, name, path=None, target=None):
-            if name == "mars_core" or name.startswith("mars_core."):
-                raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-            return None
-
-    sys.meta_path.insert(0, _NoMars())
-    d = sys.argv[1]
-    import torch, transformers, nnsight
-    torch.set_num_threads(int(sys.argv[2]))  # the client's: the test compares results bit for bit
-    from nnsight.schema.request import RequestModel
-    from nnsight.tracing.tracer import inc, dec
-    from safetensors.torch import save_file
-
-    try:
-        import mars_core  # noqa: F401
-        importable = True
-    except ModuleNotFoundError:
-        importable = False
-    model = transformers.AutoModelForImageTextToText.from_pretrained(d).eval()
-    proc = transformers.AutoProcessor.from_pretrained(d)
-    nn = nnsight.TransformersModel(model, processor=proc, tokenizer=proc.tokenizer, task="image-text-to-text")
-    blob = open(d + "/request.bin", "rb").read()
-    result = {"mars_core_importable": importable}
-    try:
-        tracer = RequestModel.deserialize(blob, nn._remoteable_persistent_objects())
-        inc()  # what a server's trace scope does: saves are collected at depth 1
-        try:
-            with torch.no_grad():
-                tracer.execute(tracer.info.code)
-            out = dict(tracer.info.frame.f_locals)
-        finally:
-            dec()
-        save_file({"logits": out["logits"].contiguous(), "alpha": out["rec"]["alpha"].contiguous()},
-                  d + "/server.safetensors")
-        result["ok"] = True
-        result["steerer_module"] = type(out["st"]).__module__
-    except Exception as e:
-        result["ok"] = False
-        result["error"] = type(e).__name__ + ": " + str(e)
-    result["mars_core_in_sys_modules"] = any(m == "mars_core" or m.startswith("mars_core.") for m in sys.modules)
-    print("RESULT " + json.dumps(result))
-    '''
-)
-
-
-def _serialize_request(mm, st, batch):
-    cap = _Capture()
-    with torch.no_grad():
-        with mm.nn.trace(batch.inputs, backend=cap):
-            rec = st.apply(mm, batch, record=True)
-            logits = nnsight.save(mm.logits_envoy.output[:, -1])
-    return cap.blob
-
-
-def _run_server(tmp_path, blob):
-    (tmp_path / "request.bin").write_bytes(blob)
-    script = tmp_path / "server.py"
-    script.write_text(SERVER)
-    proc = subprocess.run([sys.executable, "-I", str(script), str(tmp_path), str(torch.get_num_threads())],
-                          cwd=tmp_path, capture_output=True,
-                          text=True, timeout=600)
-    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-    assert lines, f"server process failed (rc={proc.returncode}):\n{proc.stderr[-4000:]}"
-    return json.loads(lines[-1][len("RESULT "):])
+# The fake NDIF (tests/ndif_fake.py): a separate `python -I` process in which importing
+# mars_core is impossible runs each request the way the NDIF server does (only saved values
+# come back); the client is nnsight's own RemoteBackend with the HTTP POST and the websocket
+# replaced by a pipe to that process.
+from ndif_fake import FakeNDIF
+from nnsight.intervention.backends.remote import RemoteBackend, RemoteError
+from nnsight.modeling import huggingface as nn_hf
 
 
 @pytest.fixture(scope="module")
@@ -181,58 +107,61 @@ def saved_model(setup, tmp_path_factory):
     return d
 
 
-def _copy_model(src, dst):
-    import shutil
+@pytest.fixture(scope="module")
+def fake_ndif(saved_model, tmp_path_factory):
+    server = FakeNDIF(saved_model, tmp_path_factory.mktemp("fake_ndif"), block=("mars_core",))
+    assert server.importable == {"mars_core": False}
+    yield server
+    server.close()
 
-    for p in src.iterdir():
-        shutil.copy(p, dst / p.name)
 
-
-@pytest.mark.slow
-def test_cross_process_round_trip_carries_code_by_value(setup, saved_model, tmp_path):
-    from safetensors.torch import load_file
-
-    _, mm, cal, batch = setup
-    st = MARS(cal, 1, tau=-5.0)
-    blob = _serialize_request(mm, st, batch)
-    _copy_model(saved_model, tmp_path)
-    res = _run_server(tmp_path, blob)
-    assert res["mars_core_importable"] is False
-    assert res["ok"], res.get("error")
-    assert res["steerer_module"] == "mars_core.steering.mars"  # rebuilt from the shipped source
-    assert res["mars_core_in_sys_modules"] is False
-    got = load_file(str(tmp_path / "server.safetensors"))
+def _mars_trace(mm, st, batch, backend=None):
     with torch.no_grad():
-        with mm.nn.trace(batch.inputs):
+        with mm.nn.trace(batch.inputs, backend=backend):
             rec = st.apply(mm, batch, record=True)
             logits = nnsight.save(mm.logits_envoy.output[:, -1])
-    assert torch.equal(got["logits"], logits)
-    assert torch.equal(got["alpha"], rec["alpha"])
+            where = nnsight.save(type(st).__module__)
+    return logits, rec, where
 
 
 @pytest.mark.slow
-def test_cross_process_without_register_fails(setup, saved_model, tmp_path):
+def test_cross_process_round_trip_carries_code_by_value(setup, fake_ndif):
+    _, mm, cal, batch = setup
+    st = MARS(cal, 1, tau=-5.0)
+    logits, rec, where = _mars_trace(mm, st, batch, fake_ndif.backend())
+    reply = fake_ndif.replies[-1]
+    assert reply["status"] == "COMPLETED" and reply["saved"] == ["logits", "rec", "where"]
+    assert where == "mars_core.steering.mars"  # the class was rebuilt there from the shipped source
+    assert reply["blocked_loaded"] == []  # ... without importing mars_core
+    ref_logits, ref_rec, _ = _mars_trace(mm, st, batch)
+    assert torch.equal(logits, ref_logits)
+    assert torch.equal(rec["alpha"], ref_rec["alpha"])
+
+
+@pytest.mark.slow
+def test_cross_process_without_register_fails(setup, fake_ndif):
     from cloudpickle.cloudpickle import _PICKLE_BY_VALUE_MODULES
+    from nnsight.ndif import pull_env
 
     _, mm, cal, batch = setup
     st = MARS(cal, 1, tau=-5.0)
+    pull_env()  # RemoteBackend's automatic registration (once per process) runs first
     was = "mars_core" in _PICKLE_BY_VALUE_MODULES
     _PICKLE_BY_VALUE_MODULES.discard("mars_core")
     try:
-        blob = _serialize_request(mm, st, batch)
+        with pytest.raises(RemoteError, match=r"ModuleNotFoundError: No module named 'mars_core"):
+            _mars_trace(mm, st, batch, fake_ndif.backend())
     finally:
         if was:
             _PICKLE_BY_VALUE_MODULES.add("mars_core")
-    _copy_model(saved_model, tmp_path)
-    res = _run_server(tmp_path, blob)
-    assert res["ok"] is False
-    assert "ModuleNotFoundError" in res["error"] and "mars_core" in res["error"]
+    assert fake_ndif.replies[-1]["status"] == "ERROR"
+    _mars_trace(mm, st, batch, fake_ndif.backend())  # the server is still up, the registration back
 
 
 # ============================================================================ NDIF execution (mars_core.remote)
 # What follows tests part 7 of issue 6: `remote=` / `--remote` everywhere, session batching, the
-# API key's handling. A "fake NDIF" runs requests in a separate `python -I` process that cannot
-# import mars_core (same blocker as above), so the package's code must travel by value.
+# API key's handling. The fake NDIF above runs the remote=True requests in its process that
+# cannot import mars_core, so the package's code must travel by value.
 import logging
 import os
 import uuid
@@ -240,10 +169,7 @@ from pathlib import Path
 
 import numpy as np
 from nnsight.intervention.backends.local import LocalSimulationBackend
-from nnsight.modeling.mixins.remotable import Remotable
 from nnsight.schema.config import CONFIG
-from nnsight.tracing.tracer import save as _nn_save
-from nnsight.tracing.util import push as _nn_push
 
 from mars_core import InputError, collect_activations
 from mars_core import remote as mremote
@@ -520,148 +446,128 @@ def test_load_model_remote_local_in_memory(setup, monkeypatch):
         mremote.use_remote(mm2, False)
 
 
-# ---------------------------------------------------------------------------- a fake NDIF in another process
-FAKE_NDIF = textwrap.dedent(
-    r'''
-    import importlib.abc, json, sys, traceback
-
-    class _NoMars(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name == "mars_core" or name.startswith("mars_core."):
-                raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-            return None
-
-    sys.meta_path.insert(0, _NoMars())
-    d = sys.argv[1]
-    import torch, transformers, nnsight
-    torch.set_num_threads(int(sys.argv[2]))  # the client's: the test compares results bit for bit
-    from nnsight.schema.request import RequestModel
-    from nnsight.tracing.tracer import inc, dec
-
-    model = transformers.AutoModelForImageTextToText.from_pretrained(d).eval()
-    proc = transformers.AutoProcessor.from_pretrained(d)
-    nn = nnsight.TransformersModel(model, processor=proc, tokenizer=proc.tokenizer, task="image-text-to-text")
-    print("READY", flush=True)
-    for line in sys.stdin:
-        if line.strip() == "EXIT":
-            break
-        n, threads = line.split()
-        # the client's torch thread count: CPU kernels reduce in a thread-dependent order, and the
-        # tests compare server results with local ones bit for bit
-        torch.set_num_threads(int(threads))
-        res = {"n": n}
-        try:
-            blob = open(f"{d}/req_{n}.bin", "rb").read()
-            tracer = RequestModel.deserialize(blob, nn._remoteable_persistent_objects())
-            f_locals = tracer.info.frame.f_locals
-            before = {k: id(v) for k, v in f_locals.items()}
-            inc()  # the server's trace scope: saves are collected at depth 1
-            try:
-                with torch.no_grad():
-                    tracer.execute(tracer.info.code)
-            finally:
-                dec()
-            saved = {k: v for k, v in f_locals.items() if before.get(k) != id(v)}
-            torch.save(saved, f"{d}/res_{n}.pt")
-            res["ok"] = True
-            res["saved"] = sorted(saved)
-        except Exception as e:
-            res["ok"] = False
-            res["error"] = type(e).__name__ + ": " + str(e) + "\n" + traceback.format_exc()[-3000:]
-        res["mars_core_in_sys_modules"] = any(m == "mars_core" or m.startswith("mars_core.") for m in sys.modules)
-        print("RESULT " + json.dumps(res), flush=True)
-    '''
-)
-
-
-class FakeNDIF:
-    """A long-lived 'server' process (no mars_core) that runs serialized requests."""
-
-    def __init__(self, d: Path):
-        self.d = d
-        (d / "server.py").write_text(FAKE_NDIF)
-        self.err = open(d / "server.err", "w")
-        env = {k: v for k, v in os.environ.items() if k != "NDIF_API_KEY"}
-        self.proc = subprocess.Popen([sys.executable, "-I", str(d / "server.py"), str(d), str(torch.get_num_threads())],
-                                     cwd=d, env=env,
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.err, text=True)
-        self._expect("READY")
-        self.n = 0
-        self.blobs: list[bytes] = []
-        self.replies: list[dict] = []
-
-    def _expect(self, prefix: str) -> str:
-        while True:
-            line = self.proc.stdout.readline()
-            if not line:
-                self.err.flush()
-                raise AssertionError(f"fake NDIF died:\n{(self.d / 'server.err').read_text()[-4000:]}")
-            if line.startswith(prefix):
-                return line
-
-    def run(self, blob: bytes) -> dict:
-        self.n += 1
-        self.blobs.append(blob)
-        (self.d / f"req_{self.n}.bin").write_bytes(blob)
-        self.proc.stdin.write(f"{self.n} {torch.get_num_threads()}\n")
-        self.proc.stdin.flush()
-        reply = json.loads(self._expect("RESULT ")[len("RESULT "):])
-        self.replies.append(reply)
-        assert reply["ok"], reply.get("error")
-        assert reply["mars_core_in_sys_modules"] is False
-        return torch.load(self.d / f"res_{self.n}.pt", weights_only=False)
-
-    def close(self):
-        try:
-            self.proc.stdin.write("EXIT\n")
-            self.proc.stdin.flush()
-            self.proc.wait(timeout=60)
-        except Exception:
-            self.proc.kill()
-        self.err.close()
-
-
-class _FakeNDIFBackend(Backend):
-    """What RemoteBackend does, with the HTTP round trip replaced by the fake NDIF process:
-    serialize, run remotely, mark the returned values saved and push them into the caller's frame."""
-
-    def __init__(self, server: FakeNDIF):
-        self.server = server
-
-    def __call__(self, tracer):
-        result = self.server.run(RequestModel.serialize(tracer))
-        for v in result.values():
-            _nn_save(v)
-        _nn_push(tracer.info.frame, result)
-        return result
-
-
-@pytest.fixture(scope="module")
-def fake_ndif(saved_model, tmp_path_factory):
-    d = tmp_path_factory.mktemp("fake_ndif")
-    _copy_model(saved_model, d)
-    server = FakeNDIF(d)
-    yield server
-    server.close()
-
-
+# ---------------------------------------------------------------------------- the fake NDIF
 @pytest.fixture
 def ndif_mm(fresh_mm, fake_ndif, monkeypatch):
     """The tiny llava as if loaded by hub id with remote=True; requests go to the fake NDIF."""
-    orig = Remotable._remote_backend
-
-    def backend(self, remote, blocking, job_id, verbose):
-        if remote == "local":
-            return orig(self, remote, blocking, job_id, verbose)
-        return _FakeNDIFBackend(fake_ndif)
-
-    monkeypatch.setattr(Remotable, "_remote_backend", backend)
+    fake_ndif.install(monkeypatch)
     monkeypatch.setattr(fresh_mm.nn, "repo_id", "tiny/llava-test")
+    # the model key nnsight builds canonicalizes the repo id through the Hub (cached): no network here
+    monkeypatch.setitem(nn_hf._ID_CACHE, "tiny/llava-test", "tiny/llava-test")
     if not os.environ.get("NDIF_API_KEY"):
         monkeypatch.setenv("NDIF_API_KEY", "sk-" + uuid.uuid4().hex)
     monkeypatch.setattr(CONFIG.API, "APIKEY", None)
     assert mremote.use_remote(fresh_mm, True) is True
     return fresh_mm
+
+
+class _FinalizeSpy:
+    """Records the result blobs nnsight's RemoteBackend.finalize receives (and whether they
+    are zstd frames)."""
+
+    def __init__(self, monkeypatch):
+        self.zstd: list[bool] = []
+        orig = RemoteBackend.finalize
+
+        def finalize(backend, content):
+            self.zstd.append(content[:4] == b"\x28\xb5\x2f\xfd")
+            return orig(backend, content)
+
+        monkeypatch.setattr(RemoteBackend, "finalize", finalize)
+
+
+@pytest.mark.parametrize("mode, compress", [("fake_ndif", True), ("fake_ndif", False), ("local", None)])
+def test_unsaved_values_do_not_come_back(setup, ndif_mm, fake_ndif, monkeypatch, mode, compress):
+    """Issue 13, item 4: a value computed in a trace but not saved stays on the server. After
+    the block its name is unbound (UnboundLocalError, nnsight raises nothing of its own) or keeps
+    what it had before; the same code with nnsight.save gets the values. The fake NDIF and
+    nnsight's remote="local" simulation agree. Against the fake, the result comes back through
+    RemoteBackend.finalize, zstd-compressed exactly when the request is."""
+    _, mm, _, batch = setup
+    if mode == "local":
+        model, remote = mm, "local"
+    else:
+        model, remote = ndif_mm, True
+        monkeypatch.setattr(CONFIG.API, "COMPRESS", compress)
+    spy = _FinalizeSpy(monkeypatch)
+    n0 = fake_ndif.n
+    before = object()
+    kept = before
+    with torch.no_grad():
+        with model.nn.trace(batch.inputs, remote=remote):
+            kept = model.layers[1].output[:, -1]  # no save
+            h = model.layers[1].output[:, -1] * 2  # no save
+    assert kept is before
+    with pytest.raises(UnboundLocalError, match="'h'"):
+        h  # noqa: B018
+    with torch.no_grad():
+        with model.nn.trace(batch.inputs, remote=remote):
+            kept = nnsight.save(model.layers[1].output[:, -1])
+            h = nnsight.save(model.layers[1].output[:, -1] * 2)
+    with torch.no_grad():
+        with mm.nn.trace(batch.inputs):
+            ref = nnsight.save(mm.layers[1].output[:, -1])
+    assert torch.equal(kept, ref) and torch.equal(h, ref * 2)
+    if mode == "local":
+        assert fake_ndif.n == n0 and spy.zstd == []
+    else:
+        assert fake_ndif.n - n0 == 2
+        assert [r["saved"] for r in fake_ndif.replies[-2:]] == [[], ["h", "kept"]]
+        assert spy.zstd == [compress, compress]
+        assert all((b[:4] == b"\x28\xb5\x2f\xfd") == compress for b in fake_ndif.blobs[-2:])
+
+
+def test_fake_ndif_session_keeps_unsaved_values_on_the_server(setup, ndif_mm, fake_ndif):
+    """test_session_keeps_intermediates_on_the_model_side against the fake NDIF: unsaved values
+    flow from trace to trace of a session on the server; only saved ones come back."""
+    _, mm, cal, batch = setup
+    st = MARS(cal, 1, tau=-5.0)
+    with torch.no_grad():
+        with ndif_mm.nn.session():  # remote: the model's default
+            with ndif_mm.nn.trace(batch.inputs):
+                h = ndif_mm.layers[0].output[:, -1]  # not saved: stays in the session
+            with ndif_mm.nn.trace(batch.inputs):
+                ndif_mm.layers[0].output[:, -1] = h * 1.0
+                rec = st.apply(ndif_mm, batch, record=True)
+                logits = nnsight.save(ndif_mm.logits_envoy.output[:, -1])
+    assert "h" not in locals()
+    assert fake_ndif.replies[-1]["saved"] == ["logits", "rec"]
+    ref, ref_rec = st.last_logits(mm, batch)
+    assert torch.equal(logits, ref) and torch.equal(rec["alpha"], ref_rec["alpha"])
+
+
+def test_fake_ndif_returns_package_objects_as_the_clients_classes(setup, ndif_mm, fake_ndif):
+    """A saved object whose class travelled by value comes back as an instance of the client's
+    own class; saving a shipped object returns it under every name it has in the block (the
+    server collects saved values by identity), so `st` is rebound to the returned copy too."""
+    _, mm, cal, batch = setup
+    st = orig = MARS(cal, 1, tau=-5.0)
+    with torch.no_grad():
+        with ndif_mm.nn.trace(batch.inputs):
+            back = nnsight.save(st)
+    assert fake_ndif.replies[-1]["saved"] == ["back", "st"]
+    assert type(back) is MARS and back is st and back is not orig
+    assert back.fingerprint == orig.fingerprint
+
+
+def test_fake_ndif_streams_prints_and_reports_errors(setup, ndif_mm, fake_ndif, capsys):
+    """Prints in the block come back as LOG responses; an exception in the block comes back as
+    nnsight's RemoteError carrying the user's traceback (no server or nnsight frames)."""
+    _, _, _, batch = setup
+    with torch.no_grad():
+        with ndif_mm.nn.trace(batch.inputs):
+            print("hello from the server")
+            n = nnsight.save(ndif_mm.layers[0].output.shape[0])
+    assert n == 2
+    assert any(r.status.value == "LOG" and r.description == "hello from the server" for r in fake_ndif.responses)
+    assert "hello from the server" in capsys.readouterr().out  # nnsight's status display shows it
+    with pytest.raises(RemoteError, match="ValueError: no such thing") as e:
+        with torch.no_grad():
+            with ndif_mm.nn.trace(batch.inputs):
+                raise ValueError("no such thing")
+    text = str(e.value)
+    assert "test_remote.py" in text and "ndif_fake_server" not in text and "site-packages/nnsight" not in text
+    assert fake_ndif.replies[-1]["status"] == "ERROR"
 
 
 def _evaluation_flows(mm, cal):
