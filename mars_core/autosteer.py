@@ -147,6 +147,7 @@ class AutoSteer(Steerer):
     """
 
     name = "autosteer"
+    CLIENT_ONLY = ("sas",)
 
     def __init__(self, prober: Prober, probe_layer: int, direction: torch.Tensor, beta: float, *,
                  head_layer: int | None = None, threshold: float = 0.5, scope: str = "first",

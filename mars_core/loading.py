@@ -50,11 +50,13 @@ def load_model(
     import nnsight
     import transformers
 
-    from .remote import configure, normalize_mode, use_remote
+    from .remote import check_reachable, configure, normalize_mode, use_remote
 
     remote = normalize_mode(remote)
     if remote and remote != "local":
         configure(remote)  # a missing key fails here, before anything is fetched
+        if isinstance(model_or_id, (str, os.PathLike)) and not os.path.isdir(str(model_or_id)):
+            check_reachable(remote)  # an unreachable server fails here, before the model is built
 
     if isinstance(model_or_id, (str, os.PathLike)):
         source = str(model_or_id)

@@ -190,6 +190,77 @@ def register_remote() -> None:
     nnsight.register(mars_core)
 
 
+# ============================================================================ the server
+def ndif_host(remote: Any = True) -> str:
+    """The NDIF base URL a request in mode `remote` goes to: the URL itself, else nnsight's
+    `CONFIG.API.HOST` (default the hosted NDIF; the NDIF_HOST environment variable at import)."""
+    m = normalize_mode(remote)
+    if isinstance(m, str) and m != "local":
+        return m.rstrip("/")
+    from nnsight.schema.config import CONFIG
+
+    return str(CONFIG.API.HOST).rstrip("/")
+
+
+def check_reachable(remote: Any = True, *, timeout: float = 5.0) -> str:
+    """Ask the NDIF server of mode `remote` for `/ping` before any work; return its URL.
+
+    InputError naming the URL and the fix when it does not answer (refused, unknown host, timeout)
+    or answers with an error status. No key is sent.
+    """
+    import urllib.error
+    import urllib.request
+
+    host = ndif_host(remote)
+    try:
+        with urllib.request.urlopen(host + "/ping", timeout=timeout) as r:
+            status = r.status
+    except urllib.error.HTTPError as e:
+        status = e.code
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        raise InputError(f"the NDIF server at {host} cannot be reached ({reason}); check the address "
+                         "(NDIF_HOST, or remote='http://host:port') and that the server is running") from None
+    if status >= 400:
+        raise InputError(f"the NDIF server at {host} answered /ping with HTTP {status}; it is up but not serving "
+                         "requests (see the server's logs)")
+    return host
+
+
+def remote_failure(exc: BaseException, remote: Any = True) -> str | None:
+    """One line explaining a failed remote request, or None when `exc` is not one.
+
+    RemoteError (the server ran the block and it failed, or it could not deploy the model): the
+    server's own last line, with the user's line it points at; a connection failure: which server;
+    UnboundLocalError / NameError after a remote block: a value used after the block was not marked
+    with `nnsight.save` (the server returns saved values only).
+    """
+    try:
+        from nnsight.intervention.backends.remote import RemoteError
+    except ImportError:  # pragma: no cover - nnsight 0.8 has it
+        RemoteError = ()  # type: ignore[assignment]
+    if RemoteError and isinstance(exc, RemoteError):
+        lines = [ln for ln in str(exc).splitlines() if ln.strip()]
+        last = lines[-1].strip() if lines else type(exc).__name__
+        frames = [i for i, ln in enumerate(lines) if ln.lstrip().startswith('File "')]
+        where = ""
+        if frames:
+            i = frames[-1]
+            code = lines[i + 1].strip() if i + 1 < len(lines) and not lines[i + 1].lstrip().startswith("File") else ""
+            loc = lines[i].strip()
+            if "site-packages" not in loc:
+                where = f" (at {loc}{': ' + code if code else ''})"
+        return redact(f"the NDIF server at {ndif_host(remote)} reported: {last}{where}")
+    if isinstance(exc, (ConnectionError, TimeoutError)) or type(exc).__module__.startswith(("requests", "websocket",
+                                                                                              "urllib3", "socketio")):
+        return redact(f"lost the connection to the NDIF server at {ndif_host(remote)} ({type(exc).__name__}: {exc}); "
+                      "check that it is running, then rerun (finished steps are cached)")
+    if isinstance(exc, (UnboundLocalError, NameError)):
+        return (f"{exc}: a value computed inside a remote trace was used after it without being marked with "
+                "nnsight.save(...) (NDIF returns saved values only)")
+    return None
+
+
 # ============================================================================ model-wide default
 _DEFAULTS: dict[int, Any] = {}
 _HOOKED = "_mars_remote_default"

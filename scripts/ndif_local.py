@@ -124,17 +124,27 @@ def setup(h: Path, *, quiet: bool = False) -> Path:
     py, stamp = venv_python(h), h / "venv" / ".mars-ndif-installed"
     want = requirements_hash()
     if py.is_file() and stamp.is_file() and stamp.read_text().strip() == want:
+        stamp.write_text(want + "\n")  # fresh mtime for make
         return py
+    if read_state(h):
+        raise StackError("the local NDIF is running from the virtualenv that needs rebuilding: "
+                         "`python scripts/ndif_local.py down` first")
     if (h / "venv").exists():
         shutil.rmtree(h / "venv")
     h.mkdir(parents=True, exist_ok=True)
+    def run(cmd: list[str]) -> None:
+        r = subprocess.run(cmd, capture_output=quiet, text=True)
+        if r.returncode != 0:
+            raise StackError(f"`{' '.join(cmd)}` failed (exit {r.returncode}):\n{(r.stdout or '')[-3000:]}"
+                             f"{(r.stderr or '')[-3000:]}")
+
     # the client's Python minor version: bytecode shipped by value only runs on the same one
-    subprocess.run([sys.executable, "-m", "venv", str(h / "venv")], check=True)
-    pip = [str(py), "-m", "pip", "install"] + (["--quiet"] if quiet else [])
-    subprocess.run(pip + ["--upgrade", "pip"], check=True)
-    subprocess.run(pip + ["-r", str(REQUIREMENTS)], check=True)
+    run([sys.executable, "-m", "venv", str(h / "venv")])
+    pip = [str(py), "-m", "pip", "install", "--disable-pip-version-check"] + (["--quiet"] if quiet else [])
+    run(pip + ["--upgrade", "pip"])
+    run(pip + ["-r", str(REQUIREMENTS)])
     # ndif declares Python >=3.12 and pins nothing of what it runs with here
-    subprocess.run(pip + ["--no-deps", "--ignore-requires-python", f"ndif=={NDIF_VERSION}"], check=True)
+    run(pip + ["--no-deps", "--ignore-requires-python", f"ndif=={NDIF_VERSION}"])
     check = subprocess.run([str(py), "-c", "import mars_core"], capture_output=True)
     if check.returncode == 0:
         raise StackError(f"mars_core is importable in the server's virtualenv {h / 'venv'}; it must not be "
@@ -305,7 +315,8 @@ def up(h: Path, *, timeout: float = 240.0, watch_pid: int | None = None, ttl: fl
         _spawn(h, st, "api", [str(vbin / "gunicorn"), "--config", "python:ndif.services.api.gunicorn_conf",
                               "--bind", f"{HOST}:{p['api']}", "--workers", "1",
                               "ndif.services.api.app:app"], env)
-        _wait(h, st, "api", lambda: _http_ok(f"http://{HOST}:{p['api']}/ping"), deadline)
+        # /status answers 503 until the dispatcher has connected to Ray (redis flag ray:connected)
+        _wait(h, st, "api", lambda: _http_ok(f"http://{HOST}:{p['api']}/status"), deadline)
     except BaseException:
         down(h, quiet=True)
         raise
@@ -409,7 +420,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="ndif_local.py", description=__doc__.split("\n\n")[0])
     ap.add_argument("--home", help=f"state folder (default {DEFAULT_HOME.relative_to(REPO)}/, or $MARS_NDIF_HOME)")
     sub = ap.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("setup", help="build the server's virtualenv")
+    sp = sub.add_parser("setup", help="build the server's virtualenv")
+    sp.add_argument("--quiet", action="store_true", help="quiet pip")
     u = sub.add_parser("up", help="start the stack")
     u.add_argument("--timeout", type=float, default=240.0, help="seconds to wait for every service (240)")
     u.add_argument("--watch-pid", type=int, help="stop the stack when this process exits")
@@ -426,7 +438,7 @@ def main(argv=None) -> int:
     h = home(args)
     try:
         if args.cmd == "setup":
-            print(f"server virtualenv ready: {setup(h)}")
+            print(f"server virtualenv ready: {setup(h, quiet=args.quiet)}")
         elif args.cmd == "up":
             t0 = time.monotonic()
             st = up(h, timeout=args.timeout, watch_pid=args.watch_pid, ttl=args.ttl, dtype=args.dtype,

@@ -97,6 +97,61 @@ def test_unknown_hub_id_offline_is_one_fast_line(tmp_path, capsys, monkeypatch):
     assert len(err.strip().splitlines()) == 1
 
 
+def test_cached_hub_id_loads_offline_like_the_in_memory_model(tmp_path, monkeypatch):
+    """A hub id found in the Hugging Face cache loads with the hub unreachable (it used to fail:
+    nnsight passed local_files_only= to the pipeline twice), and gives the in-memory model's logits."""
+    import huggingface_hub.constants as hc
+    import torch
+
+    import mars_core.loading as model_mod
+    from mars_core import load_model
+    from mars_core.testing import build_tiny
+
+    tiny = build_tiny("llava")
+    snap = tmp_path / "hub" / "models--org--tiny-llava" / "snapshots" / ("a" * 40)
+    tiny.model.save_pretrained(snap)
+    tiny.processor.save_pretrained(snap)
+    (snap.parents[1] / "refs").mkdir()
+    (snap.parents[1] / "refs" / "main").write_text("a" * 40)
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(hc, "ENDPOINT", "http://127.0.0.1:9")  # unreachable at once
+    monkeypatch.setattr(model_mod, "_HUB_REACHABLE", {})
+    mm = load_model("org/tiny-llava")
+    assert mm.model_id == "org/tiny-llava" and hc.HF_HUB_OFFLINE is False  # the offline switch is restored
+    ref = load_model(tiny.model, tiny.processor)
+    a = mm.build_batch(["How do I bake a cake?"])
+    with torch.no_grad():
+        assert torch.equal(mm.hf(**a.inputs).logits, ref.hf(**ref.build_batch(["How do I bake a cake?"]).inputs).logits)
+
+
+def test_unreachable_ndif_and_failed_remote_requests_are_one_line(monkeypatch, capsys):
+    """No server at the NDIF URL: `load_model(..., remote=URL)` stops before building anything; a
+    RemoteError / lost connection / unsaved value in a remote run is one line in the CLI."""
+    import socket
+
+    from nnsight.intervention.backends.remote import RemoteError
+
+    from mars_core import InputError, load_model
+    from mars_core.remote import check_reachable, remote_failure
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    monkeypatch.setenv("NDIF_API_KEY", "sk-test")
+    with pytest.raises(InputError, match="the NDIF server at .* cannot be reached"):
+        check_reachable(dead)
+    with pytest.raises(InputError, match="cannot be reached"):
+        load_model("org/not-built", remote=dead)
+    tb = ('Traceback (most recent call last):\n  File "/srv/site-packages/nnsight/x.py", line 3, in run\n    f()\n'
+          '  File "/home/me/probe.py", line 12, in <module>\n    z = y @ w\nRuntimeError: shapes cannot be multiplied')
+    msg = remote_failure(RemoteError(tb), dead)
+    assert msg == (f"the NDIF server at {dead} reported: RuntimeError: shapes cannot be multiplied "
+                   '(at File "/home/me/probe.py", line 12, in <module>: z = y @ w)')
+    assert f"lost the connection to the NDIF server at {dead}" in remote_failure(ConnectionRefusedError(), dead)
+    assert "nnsight.save" in remote_failure(UnboundLocalError("x"), dead)
+    assert remote_failure(ValueError("unrelated"), dead) is None
+
+
 def test_every_command_takes_organism_variants(tmp_path, capsys):
     out = tmp_path / "dirs.safetensors"
     assert main(["extract", "--model", "organism:offset", "--out", str(out)]) == 0

@@ -48,6 +48,22 @@ def test_fit_save_load_gives_bit_identical_steering(fitted, tmp_path):
     assert list(ga) == list(gb) and torch.equal(ga.token_ids, gb.token_ids)
 
 
+def test_a_pickled_mars_leaves_its_selection_datasets_behind(fitted):
+    """How a steerer travels to NDIF: pickled without the fit's xarray Datasets (a server need
+    not have xarray), with the same edits; the operator keeps them."""
+    import pickle
+
+    mm, s, op = fitted
+    blob = pickle.dumps(op)
+    assert b"xarray" not in blob
+    back = pickle.loads(blob)
+    assert back.selection is None and back.gate_selection is None and back.fit_info == op.fit_info
+    assert op.selection is not None and op.gate_selection is not None
+    ps = s["harmful_image"].subset(range(0, 96, 16))
+    batch = mm.build_batch(ps.texts, images=ps.images)
+    assert torch.equal(back.last_logits(mm, batch)[0], op.last_logits(mm, batch)[0])
+
+
 def test_loading_refuses_changed_or_foreign_files(fitted, tmp_path):
     mm, _, op = fitted
     path = op.save(tmp_path / "mars")

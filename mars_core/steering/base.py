@@ -154,12 +154,24 @@ class Steerer:
         One steered forward; the next-token logits at the last prompt column.
     fingerprint
         A content hash of everything that determines the steerer's edits (for cache keys).
+
+    Pickled (which is how a steerer travels to NDIF inside a request), a steerer leaves out the
+    attributes named in `CLIENT_ONLY`: the xarray Datasets that say how it was fitted. The server
+    needs only the operator, and a server need not have xarray; `save` keeps them.
     """
 
     name = "steerer"
     scope = "first"
     layers_path: str | None = None
     edits_last_position_only = True  # with scope "first": only the last prompt column is edited
+    CLIENT_ONLY: tuple[str, ...] = ()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        for name in self.CLIENT_ONLY:
+            if name in state:
+                state[name] = None
+        return state
 
     # -- what the steerer touches (for check) ----------------------------------------------
     def layers_used(self) -> tuple[int, ...]:

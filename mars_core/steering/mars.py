@@ -63,6 +63,7 @@ class MARS(Steerer):
     """
 
     name = "mars"
+    CLIENT_ONLY = ("selection", "gate_selection")
 
     def __init__(self, calibration: MarsCalibration, layer: int, *, recenter: bool = True, adaptive: bool = True,
                  trust_region: bool = True, offset_mode: str = "judge", scope: str = "first", gain: float = 2.0,
