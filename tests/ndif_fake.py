@@ -198,3 +198,24 @@ class FakeNDIF:
             self.proc.kill()
             self.proc.wait()
         self.err.close()
+
+
+def module_without_saves(module, tmp_path: Path):
+    """A copy of `module` (a mars_core module) with every `nnsight.save(` call removed, imported
+    from a file (nnsight reads a trace's source from its file) as a sibling module. The caller
+    removes it from sys.modules when done. Used to check that deleting a save fails against
+    both this fake and the real server (tests/test_ndif.py)."""
+    import importlib.util
+    import inspect
+
+    src = inspect.getsource(module)
+    assert "nnsight.save(" in src
+    name = module.__name__ + "_nosave"
+    path = tmp_path / (name.rsplit(".", 1)[1] + ".py")
+    path.write_text(src.replace("nnsight.save(", "("))
+    spec = importlib.util.spec_from_file_location(name, path, submodule_search_locations=None)
+    mod = importlib.util.module_from_spec(spec)
+    mod.__package__ = module.__package__
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod

@@ -202,7 +202,8 @@ class Server:
                   binary=kw.get("data") is not None)
 
     def blocked_loaded(self):
-        return sorted(m for m in sys.modules if any(m == b or m.startswith(b + ".") for b in self.blocked))
+        return sorted(m for m, mod in list(sys.modules.items())
+                      if mod is not None and any(m == b or m.startswith(b + ".") for b in self.blocked))
 
     # -- one request --------------------------------------------------------------------
     def execute(self, request, blob):
@@ -295,6 +296,10 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=0)
     args = p.parse_args(argv)
     sys.meta_path.insert(0, _Blocked(args.block))
+    # and absent to probes: importlib.util.find_spec (how transformers checks optional packages)
+    # answers None for a name that is None in sys.modules, as for a package not installed
+    for name in args.block:
+        sys.modules[name] = None
     out = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)
     stdin = sys.stdin.buffer

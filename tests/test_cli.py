@@ -105,9 +105,9 @@ def test_cached_hub_id_loads_offline_like_the_in_memory_model(tmp_path, monkeypa
 
     import mars_core.loading as model_mod
     from mars_core import load_model
-    from mars_core.testing import build_tiny
+    from mars_core.testing import build_tiny_uncached
 
-    tiny = build_tiny("llava")
+    tiny = build_tiny_uncached("llava")  # save_pretrained edits the config: not the shared cached one
     snap = tmp_path / "hub" / "models--org--tiny-llava" / "snapshots" / ("a" * 40)
     tiny.model.save_pretrained(snap)
     tiny.processor.save_pretrained(snap)

@@ -48,7 +48,8 @@ from mars_core.organism import load_organism
 from mars_core.organism.sets import organism_suite
 from mars_core.steering import (MARS, ActAdd, DirectionalAblation, MarsCalibration, NoSteer, calibrate_mars,
                                 fit_mars, neutral_calibration)
-from mars_core.testing import build_tiny, make_image
+from mars_core.testing import build_tiny_uncached, make_image
+from ndif_fake import module_without_saves
 
 pytestmark = pytest.mark.ndif
 
@@ -100,7 +101,7 @@ def ndif_stack():
     t0 = time.monotonic()
     state = nl.up(home, watch_pid=os.getpid(), ttl=5400)
     hub = home / "hf" / "hub"
-    tiny = build_tiny("llava")
+    tiny = build_tiny_uncached("llava")  # save_pretrained edits the config: not the shared cached one
     _put_in_cache(hub, TINY, tiny.model, tiny.processor)
     _put_in_cache(hub, ORGANISM, *load_organism("natural"))
     print(f"\nlocal NDIF up in {time.monotonic() - t0:.0f} s at {state['url']}")
@@ -317,24 +318,6 @@ def test_a_value_not_saved_does_not_come_back(tiny):
     assert saved.shape == (1, remote.nn.config.text_config.vocab_size)
 
 
-def _module_without_saves(module, tmp_path: Path):
-    """A copy of `module` (a mars_core module) with every `nnsight.save(` call removed, imported
-    from a file (nnsight reads a trace's source from its file) as a sibling module."""
-    import inspect
-
-    src = inspect.getsource(module)
-    assert "nnsight.save(" in src
-    name = module.__name__ + "_nosave"
-    path = tmp_path / (name.rsplit(".", 1)[1] + ".py")
-    path.write_text(src.replace("nnsight.save(", "("))
-    spec = importlib.util.spec_from_file_location(name, path, submodule_search_locations=None)
-    mod = importlib.util.module_from_spec(spec)
-    mod.__package__ = module.__package__
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_package_code_with_a_save_deleted_fails_on_the_server(tiny, tmp_path):
     """Deleting the `.save()` in the package's last-logits trace breaks it on the real server
     (the fake in tests/test_remote.py returns saved values only too)."""
@@ -343,7 +326,7 @@ def test_package_code_with_a_save_deleted_fails_on_the_server(tiny, tmp_path):
     _, remote = tiny
     batch = remote.build_batch(PROMPTS)
     assert scoring.last_logits(remote, batch).shape[0] == 2
-    broken = _module_without_saves(scoring, tmp_path)
+    broken = module_without_saves(scoring, tmp_path)
     try:
         with pytest.raises((UnboundLocalError, NameError)):
             broken.last_logits(remote, batch)

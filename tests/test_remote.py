@@ -93,7 +93,9 @@ def test_remote_local_generate_every_step(setup):
 # mars_core is impossible runs each request the way the NDIF server does (only saved values
 # come back); the client is nnsight's own RemoteBackend with the HTTP POST and the websocket
 # replaced by a pipe to that process.
-from ndif_fake import FakeNDIF
+import sys
+
+from ndif_fake import FakeNDIF, module_without_saves
 from nnsight.intervention.backends.remote import RemoteBackend, RemoteError
 from nnsight.modeling import huggingface as nn_hf
 
@@ -109,8 +111,10 @@ def saved_model(setup, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def fake_ndif(saved_model, tmp_path_factory):
-    server = FakeNDIF(saved_model, tmp_path_factory.mktemp("fake_ndif"), block=("mars_core",))
-    assert server.importable == {"mars_core": False}
+    # NDIF servers have torch, numpy, transformers and nnsight, not this package nor the analysis
+    # stack it uses (the real local server's virtualenv has no xarray either)
+    server = FakeNDIF(saved_model, tmp_path_factory.mktemp("fake_ndif"), block=("mars_core", "xarray"))
+    assert server.importable == {"mars_core": False, "xarray": False}
     yield server
     server.close()
 
@@ -548,6 +552,35 @@ def test_fake_ndif_returns_package_objects_as_the_clients_classes(setup, ndif_mm
     assert fake_ndif.replies[-1]["saved"] == ["back", "st"]
     assert type(back) is MARS and back is st and back is not orig
     assert back.fingerprint == orig.fingerprint
+
+
+def test_package_code_with_a_save_deleted_fails_against_the_fake(setup, ndif_mm, fake_ndif, tmp_path):
+    """The package's last-logits trace with its `.save()` deleted fails against the fake as it
+    does against the real server (tests/test_ndif.py); the original works."""
+    from mars_core import scoring
+
+    _, _, _, batch = setup
+    assert scoring.last_logits(ndif_mm, batch).shape[0] == 2
+    broken = module_without_saves(scoring, tmp_path)
+    try:
+        with pytest.raises((UnboundLocalError, NameError)):
+            broken.last_logits(ndif_mm, batch)
+    finally:
+        sys.modules.pop(broken.__name__, None)
+
+
+def test_a_fitted_steerer_travels_without_its_datasets(setup, ndif_mm, fake_ndif):
+    """A MARS carrying its fit's xarray Datasets steers on a server without xarray: the Datasets
+    stay on the client (Steerer.CLIENT_ONLY) and the edit is the same."""
+    import xarray as xr
+
+    _, mm, cal, batch = setup
+    st = MARS(cal, 1, tau=-5.0)
+    st.selection = st.gate_selection = xr.Dataset({"score": ("layer", np.zeros(3))})
+    got, rec, _ = _mars_trace(ndif_mm, st, batch)
+    ref, ref_rec, _ = _mars_trace(mm, MARS(cal, 1, tau=-5.0), batch)
+    assert torch.equal(got, ref) and torch.equal(rec["alpha"], ref_rec["alpha"])
+    assert st.selection is not None  # the client's operator keeps them
 
 
 def test_fake_ndif_streams_prints_and_reports_errors(setup, ndif_mm, fake_ndif, capsys):
