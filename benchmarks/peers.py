@@ -26,17 +26,30 @@ warm-up (the first call, which also gives the output), both clocks (wall: perf_c
 process_time), median of the per-repetition ratios. Memory: the runner's peak RSS during the
 first extraction above its RSS before it, and the process's ru_maxrss.
 
-Target (PASS/FAIL, exit 1 on FAIL): the package's extract ratio <= the fastest agreeing peer's
+Job **steer**: greedy generation (quick 8 prompts x 16 tokens, full 16 x 32, min_new_tokens equal
+to max_new_tokens) of held-out harmless requests with a fixed vector (the package's mean
+difference at --steer-layer, position -1) added to that layer's output at the last column: at the
+prefill only ("first": the first generated token; the package's `ActAdd(scope="first")`) and at
+every forward pass ("every": the last prompt column and each generated token; `scope="every"`),
+unsteered as the reference. Agreement: each mode's generated token ids equal the package's.
+Timing: each mode and a plain HF `model.generate` of the same ids, interleaved in the tool's
+process. Peers that cannot express a mode say why (steering-vectors: no prefill-only edit;
+repeng: its control edits every column of every pass; TransformerLens: not implemented here yet).
+
+Targets (PASS/FAIL, exit 1 on FAIL): the package's extract ratio <= the fastest agreeing peer's
 (on --clock, cpu by default). Ratios, not absolute times, are compared: each tool runs in its own
 process at its own moment, and the ratio to a plain forward measured alongside cancels most of
-the drift of a shared machine.
+the drift of a shared machine. Steer: the package's first-token steered generate <= 1.02x its
+unsteered generate, and its ratio to plain generate no higher than any peer's first-token one.
 
 Usage:
     bash benchmarks/peers/setup.sh                 # once: the peers' environments
-    python benchmarks/peers.py --quick             # 32 + 32 prompts, 3 repetitions
-    python benchmarks/peers.py                     # 256 + 256 prompts, 5 repetitions
-Options: --n N (prompts per side), --reps N, --batch-size N, --tools a,b, --clock {cpu,wall},
---out DIR (JSON and directions; default a temporary folder).
+    python benchmarks/peers.py --quick             # extract 32 + 32 prompts, 3 reps; steer 8 x 16, 2 reps
+    python benchmarks/peers.py                     # extract 256 + 256 prompts, 5 reps; steer 16 x 32, 5 reps
+Options: --jobs extract,steer, --n N (prompts per side), --reps N, --batch-size N, --tools a,b,
+--clock {cpu,wall}, --steer-prompts N, --steer-tokens N, --steer-layer L, --diagnose (time the
+package's per-batch trace alone too), --out DIR (JSON, directions, token ids; default a temporary
+folder).
 """
 
 from __future__ import annotations
@@ -57,6 +70,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 PEERS = ROOT / "benchmarks" / "peers"
+sys.path.insert(1, str(PEERS))
 ENVS = PEERS / ".envs"
 
 # name -> (runner, interpreter, folders first on PYTHONPATH, install check, setup name)
@@ -158,7 +172,15 @@ def main(argv=None) -> int:
     ap.add_argument("--clock", choices=("cpu", "wall"), default="cpu")
     ap.add_argument("--out", default=None, help="folder for the JSON results and directions")
     ap.add_argument("--timeout", type=float, default=1800.0, help="seconds per tool process")
+    ap.add_argument("--jobs", default="extract,steer", help="comma-separated: extract, steer")
+    ap.add_argument("--steer-prompts", type=int, default=None, help="steer: prompts (quick 8, full 16)")
+    ap.add_argument("--steer-tokens", type=int, default=None, help="steer: new tokens (quick 16, full 32)")
+    ap.add_argument("--steer-layer", type=int, default=15, help="steer: the decoder layer edited")
+    ap.add_argument("--diagnose", action="store_true", help="extract: also time the package's per-batch trace alone")
     a = ap.parse_args(argv)
+    jobs = [j.strip() for j in a.jobs.split(",") if j.strip()]
+    if not set(jobs) <= {"extract", "steer"}:
+        ap.error(f"--jobs {a.jobs}: choose from extract, steer")
     n = a.n or (32 if a.quick else 256)
     reps = a.reps or (3 if a.quick else 5)
     tools = [t.strip() for t in a.tools.split(",") if t.strip()]
@@ -197,12 +219,14 @@ def main(argv=None) -> int:
         f"{info['post_tokens']}; {reps} timed repetitions after the warm-up")
 
     spec = {"model_dir": str(model_dir), "batches": str(bpath), "out_dir": str(out_dir), "reps": reps,
-            "batch_size": a.batch_size, "reference": str(out_dir / "extract_mars.safetensors")}
+            "batch_size": a.batch_size, "reference": str(out_dir / "extract_mars.safetensors"),
+            "diagnose": a.diagnose}
     spec_path = out_dir / "spec_extract.json"
     spec_path.write_text(json.dumps(spec, indent=1))
 
+    ext_tools = tools if "extract" in jobs else ["mars"]  # steer needs the package's direction
     results = {}
-    for t in tools:
+    for t in ext_tools:
         log(f"  running {t} ...")
         r = results[t] = run_tool(t, "extract", spec_path, out_dir, a.timeout)
         if r.get("status") == "ok" and "ratio_cpu" in r:
@@ -216,8 +240,17 @@ def main(argv=None) -> int:
             return 1
 
     # ------------------------------------------------------------------ table
+    ok = True
+    if "extract" in jobs:
+        ok &= report_extract(results, tools, info, n, mode, a.clock, t_start, out_dir)
+    if "steer" in jobs:
+        ok &= job_steer(a, tools, model_dir, out_dir, results["mars"], info)
+    log(f"\noverall: {'PASS' if ok else 'FAIL'} ({time.perf_counter() - t_start:.0f} s)")
+    return 0 if ok else 1
+
+
+def report_extract(results, tools, info, n, mode, clk, t_start, out_dir) -> bool:
     rows, notes = [], []
-    clk = a.clock
     for t in tools:
         r = results[t]
         if r.get("status") != "ok":
@@ -263,8 +296,109 @@ def main(argv=None) -> int:
         log("\ntarget: no agreeing peer was timed: nothing to compare (FAIL)")
         ok = False
     (out_dir / "summary_extract.json").write_text(json.dumps({"rows": rows, "notes": notes, "ok": ok}, indent=1))
-    log(f"overall: {'PASS' if ok else 'FAIL'}")
-    return 0 if ok else 1
+    return ok
+
+
+STEER_TARGET = 1.02  # package first-token steered generate / its unsteered generate
+
+
+def job_steer(a, tools, model_dir, out_dir, mars_extract, info) -> bool:
+    """Job steer: greedy generation with a fixed vector (the package's mean difference at
+    --steer-layer, last position) added at one layer, first token only and every token."""
+    import torch
+    from transformers import AutoTokenizer
+
+    import mars_core
+    from common import load_directions
+
+    k = a.steer_tokens or (16 if a.quick else 32)
+    n_p = a.steer_prompts or (8 if a.quick else 16)
+    reps = a.reps or (2 if a.quick else 5)
+    md, layers, positions = load_directions(mars_extract["directions"])
+    layer = a.steer_layer % info["n_layers"]
+    v = md[layers.index(layer), positions.index(-1)].clone()
+    # harmless requests not in the extract set: the edit should turn some into refusals
+    from mars_core.organism.smol import data as D
+
+    texts = [r.text for r in random.Random(1).sample(D.combos(D.HARMLESS_HELDOUT, D.TEXT_TEMPLATES_HELDOUT, False), n_p)]
+    tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    from transformers import AutoModelForCausalLM
+
+    mm = mars_core.load_model(AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True), tok)
+    b = mm.build_batch(texts)
+    enc = {"input_ids": b.inputs["input_ids"], "attention_mask": b.inputs["attention_mask"]}
+    del mm
+    spath = out_dir / "steer.pt"
+    torch.save({"vector": v, "layer": layer, "max_new_tokens": k, "texts": texts, "enc": enc}, spath)
+    spec = {"model_dir": str(model_dir), "steer": str(spath), "out_dir": str(out_dir), "reps": reps}
+    spec_path = out_dir / "spec_steer.json"
+    spec_path.write_text(json.dumps(spec, indent=1))
+    log(f"\njob steer: {n_p} prompts ({tuple(enc['input_ids'].shape)} tokens), greedy {k} new tokens "
+        f"(min_new_tokens={k}), vector: the package's mean difference at layer {layer}, position -1 (norm "
+        f"{float(v.norm()):.1f}), added at layer {layer}'s output at the last column: at the prefill only (first) "
+        f"or at every forward pass (every); {reps} timed repetitions after the output call")
+    res = {}
+    for t in tools:
+        log(f"  running {t} ...")
+        r = res[t] = run_tool(t, "steer", spec_path, out_dir, a.timeout)
+        log(f"    {t}: {r.get('status')}" + (f": {r.get('error')}" if r.get("status") != "ok" else ""))
+        if t == "mars" and r.get("status") != "ok":
+            log(r.get("traceback", ""))
+            return False
+    rows, notes = [], []
+    clk = a.clock
+    for t in tools:
+        r = res[t]
+        if r.get("status") != "ok":
+            rows.append([t] + ["cannot run"] + ["-"] * 5)
+            notes.append(f"{t}: {r.get('error')}")
+            continue
+        cells = [t]
+        for m in ("none", "first", "every"):
+            if m in r.get("cannot", {}):
+                cells.append("cannot express")
+                continue
+            ag = r["agreement"].get(m, {})
+            if not ag.get("agree"):
+                cells.append(f"DISAGREES (tokens {ag.get('token_match', 0):.3f} equal)")
+                continue
+            s = f"{r[f'{m}_{clk}']:.2f} s x{r[f'{m}_ratio_{clk}']:.3f}"
+            if m != "none" and f"{m}_vs_none_{clk}" in r:
+                s += f" (/{'own' if t != 'mars' else 'own'} unsteered {r[f'{m}_vs_none_{clk}']:.3f})"
+            cells.append(s)
+        cells.append(f"{r['plain_{}'.format(clk)]:.2f}")
+        cells.append(", ".join(f"{m}: {'ref' if ag.get('reference') else ('=' if ag.get('agree') else '!=')}"
+                               for m, ag in r["agreement"].items()))
+        rows.append(cells)
+        for m, why in r.get("cannot", {}).items():
+            notes.append(f"{t} cannot express {m}: {why}")
+        for note in r.get("notes", []):
+            notes.append(f"{t}: {note}")
+    m0 = res["mars"]
+    log(f"\n== steer: {n_p} prompts x {k} tokens, layer {layer} ({clk} clock) ==")
+    log(fmt_table(rows, ["tool", "unsteered", "first token", "every token", "plain generate s", "tokens vs package"]))
+    log("each cell: median seconds of one batched greedy generate and x its ratio to a plain HF model.generate of the "
+        "same ids in the same process; in brackets steered / the tool's own unsteered generate")
+    log(f"the edit changes {100 * m0.get('first_changes_tokens', 0):.0f}% (first) and "
+        f"{100 * m0.get('every_changes_tokens', 0):.0f}% (every) of the generated tokens")
+    for note in notes:
+        log(f"  note: {note}")
+    ok = True
+    f_own = m0.get(f"first_vs_none_{clk}")
+    good = f_own is not None and f_own <= STEER_TARGET
+    ok &= good
+    log(f"\ntarget: package first-token steered / its unsteered generate <= {STEER_TARGET} ({clk}): "
+        f"{f_own:.3f}: {'PASS' if good else 'FAIL'}")
+    peers_first = {t: res[t][f"first_ratio_{clk}"] for t in tools
+                   if t != "mars" and f"first_ratio_{clk}" in res[t]}
+    if peers_first:
+        best = min(peers_first, key=peers_first.get)
+        good = m0[f"first_ratio_{clk}"] <= peers_first[best]
+        ok &= good
+        log(f"target: package first-token steered generate (/ plain generate) no slower than any peer's ({clk}): "
+            f"mars {m0[f'first_ratio_{clk}']:.3f} vs {best} {peers_first[best]:.3f}: {'PASS' if good else 'FAIL'}")
+    (out_dir / "summary_steer.json").write_text(json.dumps({"rows": rows, "notes": notes, "ok": ok}, indent=1))
+    return ok
 
 
 if __name__ == "__main__":

@@ -226,7 +226,7 @@ def run_extract(tool: str, prepare: Callable[[dict, Any, Any, dict], dict], spec
             times = interleaved({"tool": extract, "plain": plain}, int(spec["reps"]))
             out["times"] = times
             out.update(summarize(times, "tool"))
-            for name, fn in setup.get("extra", {}).items():  # information rows, same process
+            for name, fn in (setup.get("extra", {}) if spec.get("diagnose") else {}).items():  # information rows, same process
                 t2 = interleaved({"tool": fn, "plain": plain}, int(spec["reps"]), warmup=1)
                 out.setdefault("extra", {})[name] = summarize(t2, "tool")
         out["ru_maxrss_kb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -238,3 +238,98 @@ def run_extract(tool: str, prepare: Callable[[dict, Any, Any, dict], dict], spec
     Path(spec["out_dir"], f"extract_{tool}.json").write_text(json.dumps(out, indent=1, default=str))
     print(json.dumps({k: out.get(k) for k in ("tool", "status", "error", "ratio_cpu")}), flush=True)
     return 0 if out["status"] == "ok" else 1
+
+
+# ------------------------------------------------------------------ job steer
+STEER_MODES = ("none", "first", "every")
+
+
+def run_steer(tool: str, prepare: Callable[[dict, Any, Any, dict], dict], spec_path: str) -> int:
+    """Job steer for one tool: greedy generation of the steer batch, unsteered ("none"), with the
+    fixed vector added at one layer at the last prompt position at prefill only ("first": the
+    first generated token), and at that position and every generated position ("every").
+
+    prepare(spec, model, tok, steer) -> {"gen": fn(mode) -> new token ids [batch, k],
+    "cannot": {mode: reason}, "plain_model": model for the plain HF generate, "notes", "versions"}.
+    Agreement before timing: each mode's tokens equal the package's; then the tool's modes and a
+    plain `model.generate` are timed interleaved (ratios: each mode / plain, steered / the tool's
+    own unsteered).
+    """
+    set_threads(int(os.environ.get("PEERS_THREADS", "1")))
+    spec = load_spec(spec_path)
+    out: dict[str, Any] = {"tool": tool, "job": "steer", "python": sys.executable}
+    try:
+        import torch
+        import transformers
+
+        out["versions"] = {"torch": torch.__version__, "transformers": transformers.__version__}
+        model, tok = load_model(spec)
+        steer = torch.load(spec["steer"], weights_only=True)
+        setup = prepare(spec, model, tok, steer)
+        out["versions"].update(setup.get("versions", {}))
+        out["notes"] = setup.get("notes", [])
+        out["cannot"] = setup.get("cannot", {})
+        k = int(steer["max_new_tokens"])
+        enc = steer["enc"]
+        pm = setup["plain_model"]
+
+        def plain():
+            with torch.no_grad():
+                pm.generate(**enc, max_new_tokens=k, min_new_tokens=k, do_sample=False,
+                            pad_token_id=tok.pad_token_id)
+
+        modes = [m for m in STEER_MODES if m not in out["cannot"]]
+        ids, agree = {}, {}
+        ref = Path(spec["out_dir"]) / "steer_mars_ids.pt"
+        refs = torch.load(ref, weights_only=True) if ref.is_file() and tool != "mars" else None
+        for m in modes:
+            ids[m] = setup["gen"](m).cpu()
+            if refs is None:
+                agree[m] = {"reference": True, "agree": True}
+            else:
+                r = refs[m]
+                same = r.shape == ids[m].shape and bool((r == ids[m]).all())
+                frac = float((r == ids[m]).float().mean()) if r.shape == ids[m].shape else 0.0
+                agree[m] = {"agree": same, "token_match": frac}
+        if tool == "mars":
+            torch.save(ids, ref)
+        out["agreement"] = agree
+        if "none" in ids and "first" in ids:
+            out["first_changes_tokens"] = float((ids["none"] != ids["first"]).float().mean())
+        if "none" in ids and "every" in ids:
+            out["every_changes_tokens"] = float((ids["none"] != ids["every"]).float().mean())
+        fns = {"plain": plain}
+        for m in modes:
+            if agree[m]["agree"]:
+                fns[m] = (lambda m=m: setup["gen"](m))
+        plain()
+        times = interleaved(fns, int(spec["reps"]))
+        out["times"] = times
+        for m in fns:
+            for clk in ("wall", "cpu"):
+                out[f"{m}_{clk}"] = statistics.median(times[m][clk])
+                out[f"{m}_ratio_{clk}"] = statistics.median(a / b for a, b in zip(times[m][clk], times["plain"][clk]))
+                if m in ("first", "every") and "none" in fns:
+                    out[f"{m}_vs_none_{clk}"] = statistics.median(
+                        a / b for a, b in zip(times[m][clk], times["none"][clk]))
+        out["ru_maxrss_kb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        out["status"] = "ok"
+    except Exception as e:
+        out["status"] = "error"
+        out["error"] = f"{type(e).__name__}: {e}"
+        out["traceback"] = traceback.format_exc()[-4000:]
+    Path(spec["out_dir"], f"steer_{tool}.json").write_text(json.dumps(out, indent=1, default=str))
+    print(json.dumps({k: out.get(k) for k in ("tool", "status", "error")}), flush=True)
+    return 0 if out["status"] == "ok" else 1
+
+
+def main(tool: str, jobs: dict[str, Callable]) -> int:
+    """`python run_<tool>.py JOB SPEC`: run the job the runner defines, or report it cannot."""
+    job, spec = sys.argv[1], sys.argv[2]
+    if job not in jobs:
+        s = load_spec(spec)
+        msg = {"tool": tool, "job": job, "status": "error", "error": f"job {job} is not implemented for {tool}"}
+        Path(s["out_dir"], f"{job}_{tool}.json").write_text(json.dumps(msg))
+        return 1
+    runner = run_extract if job == "extract" else run_steer
+    return runner(tool, jobs[job], spec)

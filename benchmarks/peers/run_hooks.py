@@ -53,7 +53,38 @@ def prepare_extract(spec, model, tok, batches):
     return {"extract": extract, "plain_model": model}
 
 
+def prepare_steer(spec, model, tok, steer):
+    """A forward hook on the layer adds the vector at the last column of each forward pass: at the
+    prefill only ("first", the hook counts its calls) or at every pass ("every"); HF generate."""
+    import torch
+
+    v, layer, k, enc = steer["vector"], int(steer["layer"]), int(steer["max_new_tokens"]), steer["enc"]
+    mod = model.model.layers[layer]
+    S = enc["input_ids"].shape[1]
+
+    def gen(mode):
+        calls = [0]
+
+        def hook(m, a, o):
+            calls[0] += 1
+            if mode == "first" and calls[0] > 1:
+                return o
+            h = o[0] if isinstance(o, tuple) else o
+            h[:, -1] = (h[:, -1].to(torch.float64) + v.to(torch.float64)).to(h.dtype)
+            return o
+
+        handle = mod.register_forward_hook(hook) if mode != "none" else None
+        try:
+            with torch.no_grad():
+                out = model.generate(**enc, max_new_tokens=k, min_new_tokens=k, do_sample=False,
+                                     pad_token_id=tok.pad_token_id)
+        finally:
+            if handle is not None:
+                handle.remove()
+        return out[:, S:]
+
+    return {"gen": gen, "plain_model": model}
+
+
 if __name__ == "__main__":
-    job, spec = sys.argv[1], sys.argv[2]
-    assert job == "extract", job
-    sys.exit(common.run_extract("hooks", prepare_extract, spec))
+    sys.exit(common.main("hooks", {"extract": prepare_extract, "steer": prepare_steer}))

@@ -42,7 +42,25 @@ def prepare_extract(spec, model, tok, batches):
             "versions": {"mars_core": mars_core.__version__, "nnsight": __import__("nnsight").__version__}}
 
 
+def prepare_steer(spec, model, tok, steer):
+    """`mars_core.steering.ActAdd` with scope "first" / "every", `NoSteer` unsteered; `generate`
+    builds its batch from the strings (the same ids as steer["enc"], checked)."""
+    import mars_core
+    from mars_core.steering import ActAdd, NoSteer
+
+    plain_model, _ = common.load_model(spec)
+    mm = mars_core.load_model(model, tok)
+    v, layer, k, texts = steer["vector"], int(steer["layer"]), int(steer["max_new_tokens"]), steer["texts"]
+    b = mm.build_batch(texts)
+    assert bool((b.inputs["input_ids"] == steer["enc"]["input_ids"]).all()), "steer batch differs"
+    steerers = {"none": NoSteer(), "first": ActAdd(v, layer, float(v.norm()), scope="first"),
+                "every": ActAdd(v, layer, float(v.norm()), scope="every")}
+
+    def gen(mode):
+        return steerers[mode].generate(mm, texts, max_new_tokens=k, min_new_tokens=k).token_ids
+
+    return {"gen": gen, "plain_model": plain_model, "versions": {"mars_core": mars_core.__version__}}
+
+
 if __name__ == "__main__":
-    job, spec = sys.argv[1], sys.argv[2]
-    assert job == "extract", job
-    sys.exit(common.run_extract("mars", prepare_extract, spec))
+    sys.exit(common.main("mars", {"extract": prepare_extract, "steer": prepare_steer}))

@@ -41,7 +41,34 @@ def prepare_extract(spec, model, tok, batches):
             "versions": {"nnterp": getattr(nnterp, "__version__", "1.3.0"), "nnsight": nnsight.__version__}}
 
 
+def prepare_steer(spec, model, tok, steer):
+    """`StandardizedTransformer.steer(layer, v, token_positions=-1)` inside `generate`: outside any
+    iter loop it edits the prefill only ("first"); inside `for _ in tracer.iter[:k]` every pass."""
+    import torch
+    from nnterp import StandardizedTransformer
+
+    plain_model, _ = common.load_model(spec)
+    st = StandardizedTransformer(model, tokenizer=tok)
+    v, layer, k, enc = steer["vector"].to(torch.float32), int(steer["layer"]), int(steer["max_new_tokens"]), steer["enc"]
+    S = enc["input_ids"].shape[1]
+    inp = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+    def gen(mode):
+        with torch.no_grad():
+            with st.generate(max_new_tokens=k, min_new_tokens=k, do_sample=False) as tracer:
+                with tracer.invoke(inp):
+                    if mode == "first":
+                        st.steer(layer, v, token_positions=-1)
+                    elif mode == "every":
+                        for _ in tracer.iter[:k]:
+                            st.steer(layer, v, token_positions=-1)
+                with tracer.invoke():
+                    ids = tracer.result.save()
+        ids = ids.value if hasattr(ids, "value") else ids
+        return ids[:, S:]
+
+    return {"gen": gen, "plain_model": plain_model}
+
+
 if __name__ == "__main__":
-    job, spec = sys.argv[1], sys.argv[2]
-    assert job == "extract", job
-    sys.exit(common.run_extract("nnterp", prepare_extract, spec))
+    sys.exit(common.main("nnterp", {"extract": prepare_extract, "steer": prepare_steer}))

@@ -40,7 +40,14 @@ def prepare_extract(spec, model, tok, batches):
             "versions": {"repeng": "0.4.0", "repeng_file": repeng.__file__, "numpy": np.__version__}}
 
 
+def prepare_steer(spec, model, tok, steer):
+    """repeng's ControlModel adds its control at every non-padding column of every forward pass
+    (the whole prompt at the prefill too): neither the last-column prefill-only edit nor the
+    last-column-per-step edit can be expressed, so repeng is not compared here."""
+    raise NotImplementedError(
+        "repeng cannot express either edit: ControlModel.set_control adds the vector at every non-padding "
+        "column of every forward pass (the whole prompt at prefill), with no position or step selection")
+
+
 if __name__ == "__main__":
-    job, spec = sys.argv[1], sys.argv[2]
-    assert job == "extract", job
-    sys.exit(common.run_extract("repeng", prepare_extract, spec))
+    sys.exit(common.main("repeng", {"extract": prepare_extract, "steer": prepare_steer}))

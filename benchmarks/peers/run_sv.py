@@ -45,7 +45,34 @@ def prepare_extract(spec, model, tok, batches):
                          "steering_vectors_file": steering_vectors.__file__}}
 
 
+def prepare_steer(spec, model, tok, steer):
+    """`SteeringVector.apply(model, token_indices=[-1])` around HF generate: the last column of
+    every forward pass ("every"). token_indices / min_token_index index the columns of each
+    forward pass, and with the key/value cache every pass after the prefill has one column, so
+    an edit at the prefill only cannot be expressed."""
+    import torch
+    from steering_vectors import SteeringVector
+
+    v, layer, k, enc = steer["vector"], int(steer["layer"]), int(steer["max_new_tokens"]), steer["enc"]
+    sv = SteeringVector({layer: v.to(torch.float32)}, "decoder_block")
+    S = enc["input_ids"].shape[1]
+
+    def gen(mode):
+        with torch.no_grad():
+            if mode == "none":
+                out = model.generate(**enc, max_new_tokens=k, min_new_tokens=k, do_sample=False,
+                                     pad_token_id=tok.pad_token_id)
+            else:
+                with sv.apply(model, token_indices=[-1]):
+                    out = model.generate(**enc, max_new_tokens=k, min_new_tokens=k, do_sample=False,
+                                         pad_token_id=tok.pad_token_id)
+        return out[:, S:]
+
+    return {"gen": gen, "plain_model": model,
+            "cannot": {"first": "token_indices/min_token_index index the columns of each forward pass; with the "
+                                "KV cache every step after the prefill has one column, so a prefill-only edit "
+                                "cannot be expressed"}}
+
+
 if __name__ == "__main__":
-    job, spec = sys.argv[1], sys.argv[2]
-    assert job == "extract", job
-    sys.exit(common.run_extract("steering-vectors", prepare_extract, spec))
+    sys.exit(common.main("steering-vectors", {"extract": prepare_extract, "steer": prepare_steer}))

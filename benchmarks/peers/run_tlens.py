@@ -40,6 +40,4 @@ def prepare_extract(spec, model, tok, batches):
 
 
 if __name__ == "__main__":
-    job, spec = sys.argv[1], sys.argv[2]
-    assert job == "extract", job
-    sys.exit(common.run_extract("transformer-lens", prepare_extract, spec))
+    sys.exit(common.main("transformer-lens", {"extract": prepare_extract}))
