@@ -350,7 +350,7 @@ def job_steer(a, tools, model_dir, out_dir, mars_extract, info) -> bool:
     for t in tools:
         r = res[t]
         if r.get("status") != "ok":
-            rows.append([t] + ["cannot run"] + ["-"] * 5)
+            rows.append([t, "cannot run", "-", "-", "-", "-"])
             notes.append(f"{t}: {r.get('error')}")
             continue
         cells = [t]

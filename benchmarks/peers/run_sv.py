@@ -63,7 +63,8 @@ def prepare_steer(spec, model, tok, steer):
                 out = model.generate(**enc, max_new_tokens=k, min_new_tokens=k, do_sample=False,
                                      pad_token_id=tok.pad_token_id)
             else:
-                with sv.apply(model, token_indices=[-1]):
+                # apply() defaults min_token_index=0, which it refuses beside token_indices: pass None
+                with sv.apply(model, min_token_index=None, token_indices=[-1]):
                     out = model.generate(**enc, max_new_tokens=k, min_new_tokens=k, do_sample=False,
                                          pad_token_id=tok.pad_token_id)
         return out[:, S:]
