@@ -101,14 +101,16 @@ def main() -> None:
 
     fns = {"extract": extract, "build_batch": build, "_read": read, "_read no_grad": read_ng,
            "empty trace": empty, "hooks": hooks, "plain wrapped": plain_wrapped}
-    print(f"{len(texts)} prompts, {len(built)} batches of {bs}, {mm.n_layers} layers, {len(pos)} positions; "
+    import os
+
+    print(f"load average {os.getloadavg()[0]:.2f}; {len(texts)} prompts, {len(built)} batches of {bs}, {mm.n_layers} layers, {len(pos)} positions; "
           f"{a.reps} reps, cpu clock (process_time), each against a plain forward of the same batches")
     for name, fn in fns.items():
         t = common.interleaved({"x": fn, "plain": plain}, a.reps, warmup=1)
         x, p = statistics.median(t["x"]["cpu"]), statistics.median(t["plain"]["cpu"])
         r = statistics.median(u / v for u, v in zip(t["x"]["cpu"], t["plain"]["cpu"]))
         print(f"  {name:<14} {x:7.3f} s  plain {p:7.3f} s  ratio {r:.3f}  per batch {1e3 * (x - p) / len(built):+7.1f} ms "
-              "vs plain", flush=True)
+              "vs plain" + (f" ({1e3 * x / len(built):.1f} ms a batch)" if name == "build_batch" else ""), flush=True)
     if a.cprofile:
         import cProfile
         import pstats
