@@ -59,7 +59,9 @@ def resolve_positions(batch: PromptBatch, positions: str | Sequence[int]) -> tup
 def _read(mm: MarsModel, batch: PromptBatch, layers: list[int], pos: tuple[int, ...], reduce: str, remote: bool):
     """One trace: per layer, the sum over rows (float64) or the rows (float32) at `pos`."""
     idx = list(pos)
-    with mm.nn.trace(batch.inputs, remote=remote) as tracer:
+    # no autograd graph: a reading needs none, and recording it cost ~15-20% of the forward and
+    # doubled peak memory on SmolLM2-135M (benchmarks/peers.py, profile_extract.py)
+    with torch.no_grad(), mm.nn.trace(batch.inputs, remote=remote) as tracer:
         got = []
         for layer in layers:
             h = mm.layers[layer].output[:, idx]  # [batch, n_pos, d_model]
