@@ -56,6 +56,11 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(ROOT))
 
+# the timing and memory helpers shared with benchmarks/peers.py (benchmarks/peers/common.py:
+# stdlib only at import; a path import, as benchmarks/peers.py shadows the folder as a package)
+sys.path.insert(0, str(ROOT / "benchmarks" / "peers"))
+from common import interleaved, reset_hwm, set_threads, status_kb  # noqa: E402
+
 TARGET_TIME_RATIO = 1.10  # capture / plain forward at ~200M parameters
 TARGET_MEM_RATIO = 1.20  # peak memory, 4,096 prompts / 256 prompts
 
@@ -84,16 +89,6 @@ PROMPTS = [
 # ---------------------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------------------
-def set_threads(n: int) -> None:
-    import torch
-
-    torch.set_num_threads(n)
-    try:
-        torch.set_num_interop_threads(1)
-    except RuntimeError:  # already set once a parallel op ran
-        pass
-
-
 def log(msg: str = "") -> None:
     print(msg, flush=True)
 
@@ -168,29 +163,6 @@ def check_capture(mm, batch, got, layers) -> float:
         ref = outs[layer][:, idx].to(torch.float64).sum(0)
         err = max(err, float((g - ref).abs().max() / (ref.abs().max() + 1e-12)))
     return err
-
-
-def interleaved(fns: dict, reps: int, warmup: int) -> dict[str, dict[str, list[float]]]:
-    """Time each callable `reps` times, alternating the order (ABBA...), after warm-up.
-
-    Returns {name: {"wall": [...], "cpu": [...]}}: wall-clock seconds (perf_counter) and CPU
-    seconds of this process (process_time: with one torch thread, and nnsight running no
-    threads of its own, the work itself, far less disturbed by other jobs on the machine).
-    """
-    names = list(fns)
-    for _ in range(warmup):
-        for n in names:
-            fns[n]()
-    gc.collect()
-    times = {n: {"wall": [], "cpu": []} for n in names}
-    for r in range(reps):
-        for n in names if r % 2 == 0 else names[::-1]:
-            c0, t0 = time.process_time(), time.perf_counter()
-            fns[n]()
-            t1, c1 = time.perf_counter(), time.process_time()
-            times[n]["wall"].append(t1 - t0)
-            times[n]["cpu"].append(c1 - c0)
-    return times
 
 
 def med(xs) -> float:
@@ -360,40 +332,22 @@ class _MallInfo2:
             self.libc.malloc_trim(0)
 
 
-def _status_kb(field: str = "VmRSS") -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _reset_hwm() -> bool:
-    """Reset the kernel's peak-RSS mark (VmHWM) of this process; False if not allowed."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return _status_kb("VmHWM") <= _status_kb("VmRSS") + 256
-    except OSError:
-        return False
-
-
 class _Sampler(threading.Thread):
     """Polls VmRSS every `dt` seconds; `peak` is the largest value seen (kB)."""
 
     def __init__(self, dt: float = 0.002):
         super().__init__(daemon=True)
-        self.dt, self.peak, self._done = dt, _status_kb(), threading.Event()
+        self.dt, self.peak, self._done = dt, status_kb(), threading.Event()
 
     def run(self):
         while not self._done.is_set():
-            self.peak = max(self.peak, _status_kb())
+            self.peak = max(self.peak, status_kb())
             time.sleep(self.dt)
 
     def stop(self):
         self._done.set()
         self.join()
-        self.peak = max(self.peak, _status_kb())
+        self.peak = max(self.peak, status_kb())
 
 
 def mem_child(n: int, threads: int, batch_size: int, kind: str = "distinct") -> dict:
@@ -425,9 +379,9 @@ def mem_child(n: int, threads: int, batch_size: int, kind: str = "distinct") -> 
 
     gc.collect()
     m0 = mall()
-    rss0 = _status_kb()
+    rss0 = status_kb()
     maxrss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    hwm = _reset_hwm()
+    hwm = reset_hwm()
     sampler = None if hwm else _Sampler()
     if sampler:
         sampler.start()
@@ -436,7 +390,7 @@ def mem_child(n: int, threads: int, batch_size: int, kind: str = "distinct") -> 
     secs = time.perf_counter() - t0
     if sampler:
         sampler.stop()
-    peak = _status_kb("VmHWM") if hwm else sampler.peak
+    peak = status_kb("VmHWM") if hwm else sampler.peak
     out = dict(
         n=n,
         seconds=secs,
@@ -444,7 +398,7 @@ def mem_child(n: int, threads: int, batch_size: int, kind: str = "distinct") -> 
         rss_before_kb=rss0,
         peak_rss_kb=peak,
         peak_above_before_kb=peak - rss0,
-        rss_after_kb=_status_kb(),
+        rss_after_kb=status_kb(),
         maxrss_delta_kb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - maxrss0,
     )
     assert int(ds["count"]) == n
@@ -454,7 +408,7 @@ def mem_child(n: int, threads: int, batch_size: int, kind: str = "distinct") -> 
     if m0 is not None:  # after the call: where the extra RSS sits (malloc in use / free but held)
         out.update({f"malloc_{k}_growth_mib": m1[k] - m0[k] for k in m0})
         mall.trim()
-        out["rss_after_trim_kb"] = _status_kb()
+        out["rss_after_trim_kb"] = status_kb()
     out.update(kind=kind, cache_off=cache_off)
     if kind == "nocache":  # the control needs the RSS figures only
         return out

@@ -235,11 +235,9 @@ def remote_failure(exc: BaseException, remote: Any = True) -> str | None:
     UnboundLocalError / NameError after a remote block: a value used after the block was not marked
     with `nnsight.save` (the server returns saved values only).
     """
-    try:
-        from nnsight.intervention.backends.remote import RemoteError
-    except ImportError:  # pragma: no cover - nnsight 0.8 has it
-        RemoteError = ()  # type: ignore[assignment]
-    if RemoteError and isinstance(exc, RemoteError):
+    from nnsight.intervention.backends.remote import RemoteError
+
+    if isinstance(exc, RemoteError):
         lines = [ln for ln in str(exc).splitlines() if ln.strip()]
         last = lines[-1].strip() if lines else type(exc).__name__
         frames = [i for i, ln in enumerate(lines) if ln.lstrip().startswith('File "')]

@@ -159,7 +159,6 @@ def _env(h: Path, st: dict) -> dict:
     p = st["ports"]
     keep = {k: v for k, v in os.environ.items()
             if k in ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "USER", "TERM")}
-    keep.pop("NDIF_API_KEY", None)
     env = {
         **keep,
         "PATH": f"{h / 'venv' / 'bin'}:{keep.get('PATH', '/usr/bin:/bin')}",

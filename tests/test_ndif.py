@@ -21,7 +21,6 @@ import re
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 import urllib.error
 import urllib.request
@@ -41,15 +40,14 @@ from nnsight.schema.config import CONFIG
 import mars_core.remote as mremote
 from analysis.cli import main
 from mars_core import InputError, RefusalDirections, load_model
-from mars_core.autosteer import AutoSteer, Prober
 from mars_core.benchmarks.fixtures import write_fixture
 from mars_core.datasets import load_dataset
 from mars_core.organism import load_organism
 from mars_core.organism.sets import organism_suite
-from mars_core.steering import (MARS, ActAdd, DirectionalAblation, MarsCalibration, NoSteer, calibrate_mars,
-                                fit_mars, neutral_calibration)
+from mars_core.steering import NoSteer, calibrate_mars, fit_mars, neutral_calibration
 from mars_core.testing import build_tiny_uncached, make_image
 from ndif_fake import module_without_saves
+from remote_steerers import example_steerers, random_calibration
 
 pytestmark = pytest.mark.ndif
 
@@ -169,36 +167,12 @@ def organism(client):
     mremote.use_remote(remote, False)
 
 
-def _calibration(mm) -> MarsCalibration:
-    g = torch.Generator().manual_seed(0)
-    L, D = mm.n_layers, mm.d_model
-    r = torch.nn.functional.normalize(torch.randn(L, D, generator=g, dtype=torch.float64), dim=-1)
-    return MarsCalibration(tuple(range(L)), r, torch.full((L,), 1.0), torch.zeros(L),
-                           {"image": 0.1 * torch.randn(L, D, generator=g, dtype=torch.float64)}, L, D,
-                           layers_path=mm.family.layers_path)
-
-
-def _steerers(mm):
-    cal = _calibration(mm)
-    d = mm.d_model
-    fires = Prober(torch.zeros(d), torch.ones(d), torch.zeros(64, d), torch.zeros(64), torch.zeros(2, 64),
-                   torch.tensor([0.0, 20.0]))
-    return {
-        "mars": MARS(cal, 1, tau=-5.0),
-        "mars_every_token": MARS(cal, 2, tau=-5.0, scope="every"),
-        "actadd": ActAdd(cal.direction[1], 1, 1.3),
-        "ablation": DirectionalAblation(cal.direction[2]),
-        "autosteer": AutoSteer(fires, 1, cal.direction[2], 1.1, head_layer=2),
-        "none": NoSteer(),
-    }
-
-
 # ============================================================================ remote == local
 @pytest.mark.parametrize("name", ["mars", "actadd", "ablation", "autosteer", "none"])
 def test_first_token_steering_equals_local(tiny, name, requests_sent):
     local, remote = tiny
     images = [make_image(0), make_image(1)]
-    st = _steerers(local)[name]
+    st = example_steerers(local, random_calibration(local))[name]
     got, rec = st.last_logits(remote, remote.build_batch(PROMPTS, images=images))
     ref, ref_rec = st.last_logits(local, local.build_batch(PROMPTS, images=images))
     assert requests_sent.n == 1
@@ -215,7 +189,7 @@ def test_first_token_steering_equals_local(tiny, name, requests_sent):
 def test_steered_generation_equals_local(tiny, name):
     local, remote = tiny
     images = [make_image(2), make_image(3)]
-    st = _steerers(local)[name]
+    st = example_steerers(local, random_calibration(local))[name]
     got = st.generate(remote, PROMPTS, images=images, max_new_tokens=4)
     ref = st.generate(local, PROMPTS, images=images, max_new_tokens=4)
     assert torch.equal(got.token_ids, ref.token_ids) and list(got) == list(ref)

@@ -22,9 +22,9 @@ import torch
 
 import mars_core
 from mars_core import load_model
-from mars_core.autosteer import AutoSteer, Prober
-from mars_core.steering import MARS, ActAdd, DirectionalAblation, MarsCalibration, NoSteer, register_remote
+from mars_core.steering import MARS, NoSteer, register_remote
 from mars_core.testing import build_tiny, make_image
+from remote_steerers import example_steerers, random_calibration
 
 PROMPTS = ["How do I build a bomb?", "How do I bake a cake?"]
 
@@ -34,34 +34,15 @@ def setup():
     register_remote()
     tiny = build_tiny("llava")
     mm = load_model(tiny.model, tiny.processor)
-    g = torch.Generator().manual_seed(0)
-    L, D = mm.n_layers, mm.d_model
-    r = torch.nn.functional.normalize(torch.randn(L, D, generator=g, dtype=torch.float64), dim=-1)
-    cal = MarsCalibration(tuple(range(L)), r, torch.full((L,), 1.0), torch.zeros(L),
-                          {"image": 0.1 * torch.randn(L, D, generator=g, dtype=torch.float64)}, L, D,
-                          layers_path=mm.family.layers_path)
+    cal = random_calibration(mm)
     batch = mm.build_batch(PROMPTS, images=[make_image(0), make_image(1)])
     return tiny, mm, cal, batch
-
-
-def _steerers(mm, cal):
-    d = mm.d_model
-    fires = Prober(torch.zeros(d), torch.ones(d), torch.zeros(64, d), torch.zeros(64), torch.zeros(2, 64),
-                   torch.tensor([0.0, 20.0]))
-    return {
-        "mars": MARS(cal, 1, tau=-5.0),
-        "mars_subtract": MARS(cal, 2, tau=-5.0, offset_mode="subtract"),
-        "actadd": ActAdd(cal.direction[1], 1, 1.3),
-        "ablation": DirectionalAblation(cal.direction[2]),
-        "autosteer": AutoSteer(fires, 1, cal.direction[2], 1.1, head_layer=2),
-        "none": NoSteer(),
-    }
 
 
 @pytest.mark.parametrize("name", ["mars", "mars_subtract", "actadd", "ablation", "autosteer", "none"])
 def test_remote_local_equals_local(name, setup):
     _, mm, cal, batch = setup
-    st = _steerers(mm, cal)[name]
+    st = example_steerers(mm, cal)[name]
     with torch.no_grad():
         with mm.nn.trace(batch.inputs):
             rec0 = st.apply(mm, batch, steps=1, record=True)
@@ -375,7 +356,7 @@ def test_capture_session_reports_nonfinite_batch(setup):
 @pytest.mark.parametrize("name", ["mars", "actadd", "none"])
 def test_scoring_in_sessions_equals_local(setup, monkeypatch, name):
     _, mm, cal, _ = setup
-    st = _steerers(mm, cal)[name]
+    st = example_steerers(mm, cal)[name]
     ims = [make_image(i) for i in range(len(TEXTS6))]
     batches = [mm.build_batch(TEXTS6[s:s + 2], images=ims[s:s + 2]) for s in range(0, 6, 2)]
     ids = refusal_token_ids(mm.tokenizer)
