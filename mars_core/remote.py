@@ -230,15 +230,21 @@ def check_reachable(remote: Any = True, *, timeout: float = 5.0) -> str:
 def remote_failure(exc: BaseException, remote: Any = True) -> str | None:
     """One line explaining a failed remote request, or None when `exc` is not one.
 
-    RemoteError (the server ran the block and it failed, or it could not deploy the model): the
-    server's own last line, with the user's line it points at; a connection failure: which server;
+    RemoteError: the server ran the block and it failed: the server's own last line, with the
+    user's line it points at; it could not deploy the model: the loader's first line; a connection failure: which server;
     UnboundLocalError / NameError after a remote block: a value used after the block was not marked
     with `nnsight.save` (the server returns saved values only).
     """
     from nnsight.intervention.backends.remote import RemoteError
 
     if isinstance(exc, RemoteError):
-        lines = [ln for ln in str(exc).splitlines() if ln.strip()]
+        text = str(exc)
+        if text.startswith("Could not deploy"):
+            # ndif's deployment reason: the loader's own sentence, then the server's traceback (its
+            # paths; ndif cuts the whole at 1,500 characters, so the traceback's last line is cut)
+            head = text.split("\nTraceback", 1)[0].splitlines()[0].removeprefix("Could not deploy this model.").strip()
+            return redact(f"the NDIF server at {ndif_host(remote)} could not deploy the model: {head}")
+        lines = [ln for ln in text.splitlines() if ln.strip()]
         last = lines[-1].strip() if lines else type(exc).__name__
         frames = [i for i, ln in enumerate(lines) if ln.lstrip().startswith('File "')]
         where = ""

@@ -147,6 +147,11 @@ def test_unreachable_ndif_and_failed_remote_requests_are_one_line(monkeypatch, c
     msg = remote_failure(RemoteError(tb), dead)
     assert msg == (f"the NDIF server at {dead} reported: RuntimeError: shapes cannot be multiplied "
                    '(at File "/home/me/probe.py", line 12, in <module>: z = y @ w)')
+    # ndif's deployment refusal: the loader's sentence, then a server traceback cut at 1,500 characters
+    deploy = ("Could not deploy this model. No such repo 'org/x'.\nSee the hub.\nTraceback (most recent call last):\n"
+              + '  File "/srv/a.py", line 1, in f\n' * 60)[:1500] + "…"
+    assert remote_failure(RemoteError(deploy), dead) == (
+        f"the NDIF server at {dead} could not deploy the model: No such repo 'org/x'.")
     assert f"lost the connection to the NDIF server at {dead}" in remote_failure(ConnectionRefusedError(), dead)
     assert "nnsight.save" in remote_failure(UnboundLocalError("x"), dead)
     assert remote_failure(ValueError("unrelated"), dead) is None
