@@ -21,7 +21,7 @@ setup: $(STAMP)
 # from Debian, and the server's own virtualenv in .ndif/venv (without mars).
 ndif-setup: $(NDIF_STAMP)
 
-$(NDIF_STAMP): scripts/ndif/requirements.txt scripts/ndif_local.py
+$(NDIF_STAMP): scripts/ndif/requirements.txt scripts/ndif/constraints.txt scripts/ndif_local.py
 	command -v redis-server >/dev/null || { SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get install -y -qq redis-server >/dev/null 2>&1 || \
 	  { $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq redis-server >/dev/null; }; } || \

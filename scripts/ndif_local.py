@@ -40,6 +40,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 HERE = REPO / "scripts" / "ndif"
 REQUIREMENTS = HERE / "requirements.txt"
+CONSTRAINTS = HERE / "constraints.txt"  # the exact versions (pip freeze of a built server venv)
 SHIMS = HERE / "server"
 NDIF_VERSION = "0.1.2"
 HOST = "127.0.0.1"
@@ -112,6 +113,7 @@ def _group_alive(pgid: int) -> bool:
 # ============================================================================ setup
 def requirements_hash() -> str:
     h = hashlib.sha256(REQUIREMENTS.read_bytes())
+    h.update(CONSTRAINTS.read_bytes())
     h.update(NDIF_VERSION.encode())
     return h.hexdigest()[:16]
 
@@ -142,7 +144,7 @@ def setup(h: Path, *, quiet: bool = False) -> Path:
     run([sys.executable, "-m", "venv", str(h / "venv")])
     pip = [str(py), "-m", "pip", "install", "--disable-pip-version-check"] + (["--quiet"] if quiet else [])
     run(pip + ["--upgrade", "pip"])
-    run(pip + ["-r", str(REQUIREMENTS)])
+    run(pip + ["-r", str(REQUIREMENTS), "-c", str(CONSTRAINTS)])
     # ndif declares Python >=3.12 and pins nothing of what it runs with here
     run(pip + ["--no-deps", "--ignore-requires-python", f"ndif=={NDIF_VERSION}"])
     check = subprocess.run([str(py), "-c", "import mars_core"], capture_output=True)
