@@ -415,9 +415,10 @@ def mem_child(n: int, threads: int, batch_size: int, kind: str = "distinct") -> 
     gc.collect()
     tracemalloc.start()
     t0 = time.perf_counter()
-    ds = call()
+    ds = call()  # held until the reading: "retained" counts the result the caller would keep
     out["tm_seconds"] = time.perf_counter() - t0
     cur, tpeak = tracemalloc.get_traced_memory()
+    del ds
     tracemalloc.stop()
     out.update(tracemalloc_peak_kb=tpeak / 1024, tracemalloc_retained_kb=cur / 1024)
     return out
