@@ -231,7 +231,8 @@ def remote_failure(exc: BaseException, remote: Any = True) -> str | None:
     """One line explaining a failed remote request, or None when `exc` is not one.
 
     RemoteError: the server ran the block and it failed: the server's own last line, with the
-    user's line it points at; it could not deploy the model: the loader's first line; a connection failure: which server;
+    user's line it points at; it could not deploy the model: the loader's reason (first line);
+    a connection failure: which server;
     UnboundLocalError / NameError after a remote block: a value used after the block was not marked
     with `nnsight.save` (the server returns saved values only).
     """
@@ -242,7 +243,8 @@ def remote_failure(exc: BaseException, remote: Any = True) -> str | None:
         if text.startswith("Could not deploy"):
             # ndif's deployment reason: the loader's own sentence, then the server's traceback (its
             # paths; ndif cuts the whole at 1,500 characters, so the traceback's last line is cut)
-            head = text.split("\nTraceback", 1)[0].splitlines()[0].removeprefix("Could not deploy this model.").strip()
+            first = text.splitlines()[0]
+            head = first.removeprefix("Could not deploy this model.").strip() or first
             return redact(f"the NDIF server at {ndif_host(remote)} could not deploy the model: {head}")
         lines = [ln for ln in text.splitlines() if ln.strip()]
         last = lines[-1].strip() if lines else type(exc).__name__
