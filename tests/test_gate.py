@@ -211,3 +211,34 @@ def test_gate_open_share_matches_the_operator_and_warns_when_wide(setup):
         assert float(ds["gate_open"].sel(set=name)) == pytest.approx(float((s > gate["tau"]).double().mean()), abs=1e-9)
     assert float(ds["gate_open"].max()) > 0.5  # tau 0 (the harmless centroid): open for much of a safe set
     assert any("opens on most prompts" in str(x.message) for x in w)
+
+
+def test_gate_over_prompt_caches_equals_full_forwards(setup):
+    """The gate's default scoring (one `PrefixCache` per safe-set batch, reused over the grid) and
+    a full forward per batch and grid point give the same rates and the same gate; the cache
+    holds every layer's keys and values of the prompt minus its last token."""
+    from mars_core.steering import MARS, PrefixCache
+    from mars_core.steering.gate import select_mars_gate
+
+    mm, calib, safe, _ = setup
+    grid = dict(taus=[0.0, 0.1, 0.2, 0.3], gains=[2.0, 8.0], margins=[0.0, 0.5], batch_size=16, full_grid=True)
+    g_fast, d_fast = select_mars_gate(mm, calib, 2, safe, **grid)
+    g_slow, d_slow = select_mars_gate(mm, calib, 2, safe, reuse_prefix=False, **grid)
+    assert g_fast == g_slow
+    np.testing.assert_array_equal(d_fast["rate"].values, d_slow["rate"].values)
+    np.testing.assert_array_equal(d_fast["gate_open"].values, d_slow["gate_open"].values)
+
+    ps = safe["harmless_image"]
+    texts, media = next(iter(ps.batches(4)))
+    batch = mm.build_batch(texts, **media)
+    pc = PrefixCache(mm, batch)
+    assert pc.ok
+    st = MARS(calib, 2, tau=0.0)
+    fast, rec = pc.logits(st)
+    slow, rec_slow = st.last_logits(mm, batch)
+    assert (fast - slow).abs().max().item() <= 1e-5
+    assert rec["alpha"].shape == rec_slow["alpha"].shape == (4,)
+    cfg = mm.hf.config.get_text_config()
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    assert pc.nbytes == mm.n_layers * 2 * 4 * kv_heads * (batch.seq_len - 1) * head_dim * 4  # float32

@@ -55,6 +55,7 @@ def fit_mars(
     batch_size: int = 32,
     n_neutral: int = 8,
     seed: int = 1,
+    reuse_prefix: bool | None = None,
     **operator: Any,
 ) -> MARS:
     """MARS for `mm` with its layer and gate fitted from text and safe data (module docstring).
@@ -64,7 +65,9 @@ def fit_mars(
     caption prompts (labelled harmless); neutral: {modality: PromptSet} of object-less inputs for
     layer selection (default: `n_neutral` generated with `seed`). gate: {"tau"|"gain"|"margin": value} parts
     to keep fixed (the rest is fitted on `taus` / `gains` / `margins`). operator: other MARS
-    settings (recenter, trust_region, offset_mode, ...), kept through the fit.
+    settings (recenter, trust_region, offset_mode, ...), kept through the fit. reuse_prefix: how
+    both sweeps score a grid point (None: over the prompt's key/value cache when the model runs
+    locally, `PrefixCache`; False: a full forward per point; same choice within float tolerance).
 
     Returns the MARS operator with `.selection` (layer Dataset), `.gate_selection` (gate Dataset,
     None when every gate part was fixed) and `.fit_info` (chosen layer and gate, the layer with
@@ -89,7 +92,7 @@ def fit_mars(
     def choose_layer(g: Mapping[str, float]):
         return select_mars_layer(mm, calibration, harmful, neutral=neutral, layer=layer, layers=layers,
                                  spurious_bound=spurious_bound, batch_size=batch_size, n_neutral=n_neutral, seed=seed,
-                                 mars_kwargs={**operator, **g})
+                                 mars_kwargs={**operator, **g}, reuse_prefix=reuse_prefix)
 
     def choose_gate(at: int):
         if all_fixed:
@@ -98,7 +101,7 @@ def fit_mars(
             raise InputError("fitting the MARS gate needs safe prompt sets (harmless text, harmless image "
                              "requests, captions); give safe_sets, or fix the gate with gate={...}")
         g, ds = select_mars_gate(mm, calibration, at, safe_sets, max_increase=max_increase, batch_size=batch_size,
-                                 mars_kwargs=operator, **grids)
+                                 mars_kwargs=operator, reuse_prefix=reuse_prefix, **grids)
         return g, ds
 
     layer0, layer_ds = choose_layer(start)

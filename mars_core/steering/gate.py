@@ -32,11 +32,16 @@ DEFAULT_GAINS = (2.0, 4.0, 8.0, 16.0)
 DEFAULT_MARGINS = (0.0, 0.5)
 
 
-def _refusal_rate(mm: Any, batches: Sequence[Any], steerer: Any, refusal_ids: Sequence[int]) -> float:
-    """Fraction of the prompts in `batches` whose first-token refusal log-odds is > 0 under `steerer`."""
-    from ..scoring import refusal_scores_many
+def _refusal_rate(mm: Any, batches: Sequence[Any], steerer: Any, refusal_ids: Sequence[int],
+                  caches: Sequence[Any] | None = None) -> float:
+    """Fraction of the prompts in `batches` whose first-token refusal log-odds is > 0 under
+    `steerer`; with `caches` (one `PrefixCache` per batch) scored over the prompt caches."""
+    from ..scoring import first_token_refusal_score, refusal_scores_many
 
-    scores = refusal_scores_many(mm, batches, refusal_ids, steerer)
+    if caches is not None:
+        scores = torch.cat([first_token_refusal_score(c.logits(steerer)[0], refusal_ids) for c in caches])
+    else:
+        scores = refusal_scores_many(mm, batches, refusal_ids, steerer)
     return float((np.asarray(scores, dtype=np.float64) > 0.0).mean())
 
 
@@ -63,6 +68,7 @@ def select_mars_gate(
     batch_size: int = 32,
     mars_kwargs: Mapping[str, Any] | None = None,
     full_grid: bool = False,
+    reuse_prefix: bool | None = None,
 ):
     """The most permissive MARS gate at `layer` that keeps every safe set within `max_increase`.
 
@@ -79,6 +85,10 @@ def select_mars_gate(
     score exceeds the chosen tau; a warning when it is over half), `n_prompts [set]`, attrs `selected_tau/gain/margin`,
     `max_increase`, `fallback` (True when no point is feasible: the most closed gate, largest
     tau, smallest gain and margin, is returned and a warning issued) and the sets' hashes.
+    reuse_prefix (None: when the model runs locally): every grid point is scored over one
+    `PrefixCache` per safe-set batch (one prefill per batch for the whole grid, then one
+    single-token forward per batch and point; the caches are held until the fit ends); False:
+    a full forward per batch and point (remotely, one request per batch group).
     """
     import xarray as xr
 
@@ -101,6 +111,12 @@ def select_mars_gate(
     ids = list(refusal_ids) if refusal_ids is not None else refusal_token_ids(mm.tokenizer)
     names = list(safe_sets)
     batches = {n: [mm.build_batch(t, **m) for t, m in safe_sets[n].batches(batch_size)] for n in names}
+    from ..remote import resolve
+    from .sweep import PrefixCache
+
+    if reuse_prefix is None:
+        reuse_prefix = not resolve(mm)
+    caches = {n: [PrefixCache(mm, b) for b in batches[n]] if reuse_prefix else None for n in names}
     base = np.array([_refusal_rate(mm, batches[n], NoSteer(), ids) for n in names])
     rate = np.full((len(names), len(taus), len(gains), len(margins)), np.nan)
     last = len(taus) - 1  # without full_grid: no tau above the smallest feasible one found so far
@@ -109,7 +125,7 @@ def select_mars_gate(
             for j, t in enumerate(taus[: last + 1]):
                 st = MARS(calibration, layer, tau=t, gain=g, margin=mg, **kw)
                 for i, n in enumerate(names):
-                    rate[i, j, k, m_] = _refusal_rate(mm, batches[n], st, ids)
+                    rate[i, j, k, m_] = _refusal_rate(mm, batches[n], st, ids, caches[n])
                 if not full_grid and (rate[:, j, k, m_] - base <= max_increase + 1e-12).all():
                     last = j
                     break
@@ -128,8 +144,12 @@ def select_mars_gate(
     gate = {"tau": float(taus[j]), "gain": float(gains[k]), "margin": float(margins[m_])}
     # how often the chosen gate opens (re-centred score s > tau) on each safe set
     chosen = MARS(calibration, layer, **gate, **kw)
-    opens = np.array([float(torch.cat([chosen.last_logits(mm, b)[1]["score"].reshape(-1) for b in batches[n]])
+    def rec(n, i):
+        return (caches[n][i].logits(chosen) if caches[n] else chosen.last_logits(mm, batches[n][i]))[1]
+
+    opens = np.array([float(torch.cat([rec(n, i)["score"].reshape(-1) for i in range(len(batches[n]))])
                             .gt(gate["tau"]).double().mean()) for n in names])
+    del caches
     wide = [f"{n} {o:.0%}" for n, o in zip(names, opens) if o > 0.5]
     if wide:
         warnings.warn(f"the fitted MARS gate (tau={gate['tau']:g}) opens on most prompts of safe set(s) "
@@ -176,6 +196,7 @@ def select_mars_tau(
     batch_size: int = 32,
     mars_kwargs: Mapping[str, Any] | None = None,
     full_grid: bool = False,
+    reuse_prefix: bool | None = None,
 ):
     """Smallest `tau` in `taus` whose MARS (gain and margin from `mars_kwargs`, else the
     operator's defaults 2 and 0.5) keeps every safe set within `max_increase`.
@@ -187,6 +208,6 @@ def select_mars_tau(
     gate, ds = select_mars_gate(
         mm, calibration, layer, safe_sets, taus=taus, gains=[kw.pop("gain", 2.0)], margins=[kw.pop("margin", 0.5)],
         max_increase=max_increase, refusal_ids=refusal_ids, batch_size=batch_size, mars_kwargs=kw,
-        full_grid=full_grid,
+        full_grid=full_grid, reuse_prefix=reuse_prefix,
     )
     return gate["tau"], ds.squeeze(("gain", "margin"), drop=False)

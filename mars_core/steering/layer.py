@@ -35,6 +35,7 @@ def select_mars_layer(
     refusal_ids: Sequence[int] | None = None,
     batch_size: int = 8,
     mars_kwargs: dict[str, Any] | None = None,
+    reuse_prefix: bool | None = None,
 ):
     """Choose MARS's intervention layer from text-only data and neutral multimodal inputs.
 
@@ -48,7 +49,8 @@ def select_mars_layer(
     Feasible layers: pass_layer and max_m spurious_delta[m, l] <= spurious_bound. The chosen layer
     maximises induced among feasible layers (lowest layer on ties); if none is feasible the layer
     with the smallest max spurious_delta is chosen and attrs["fallback"] says so (with a warning).
-    A given `layer` overrides: only it is evaluated and it is returned.
+    A given `layer` overrides: only it is evaluated and it is returned. reuse_prefix: passed to
+    `first_token_sweep` (None: reuse the prompt cache when local; False: full forwards).
 
     Returns (layer, xarray.Dataset) with vars induced, induced_base, alpha_harmful, gate_harmful,
     score_harmful [layer]; spurious, spurious_base, spurious_delta, alpha_neutral, gate_neutral,
@@ -96,7 +98,7 @@ def select_mars_layer(
         n = len(steerers)
         scores, alphas, ss = [[] for _ in range(n)], [[] for _ in range(n)], [[] for _ in range(n)]
         for b in bs:
-            logits, recs = first_token_sweep(mm, b, steerers)
+            logits, recs = first_token_sweep(mm, b, steerers, reuse_prefix=reuse_prefix)
             for j in range(n):
                 scores[j].append(first_token_refusal_score(logits[j], refusal_ids))
                 if "alpha" in recs[j]:

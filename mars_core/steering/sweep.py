@@ -1,12 +1,14 @@
-"""Fast first-token sweeps: the next-token logits of many steerers on one batch.
+"""Fast first-token scoring: the next-token logits of many steerers on one batch.
 
 A first-token steerer edits only the last prompt column, so every earlier column equals the
-unsteered forward's; the prompt minus its last token is run once and each steerer costs one
-single-token forward over that key/value cache (`first_token_sweep`).
+unsteered forward's: `PrefixCache` runs the prompt minus its last token once and scores each
+steerer with one single-token forward over that key/value cache; `first_token_sweep` does that
+for a list of steerers on one batch.
 """
 
 from __future__ import annotations
 
+import copy
 import warnings
 from typing import Any, Sequence
 
@@ -37,39 +39,35 @@ def _prefix_positions(mm: Any, inputs: dict) -> torch.Tensor | None:
     return None
 
 
-def first_token_sweep(mm: Any, batch: Any, steerers: Sequence[Steerer], *, reuse_prefix: bool | None = None,
-                      check: bool = True, atol: float = 1e-4) -> tuple[torch.Tensor, list[dict]]:
-    """Next-token logits at the last prompt column for each steerer: ([S, batch, vocab] float32, records).
+def cacheable(steerer: Steerer) -> bool:
+    """Whether `steerer`'s first-token logits can come from a prompt-prefix cache: it edits the
+    last prompt column only, at the first generated token only."""
+    return bool(getattr(steerer, "edits_last_position_only", False)) and getattr(steerer, "scope", None) == "first"
 
-    A first-token steerer edits only the last prompt column, so every earlier column is the same
-    as in the unsteered forward. With reuse_prefix, the prompt minus its last token is run once
-    (unsteered, through nnsight, keeping the key/value cache), and each steerer costs one
-    single-token forward over that cache with its edit applied: the whole sweep costs about one
-    prefill plus one decoding step per steerer. Steerers that edit other positions (directional
-    ablation) get a full forward. With check, the cached path is verified once per call against
-    a full unsteered forward (max |logit difference| <= atol); if it disagrees (a family whose
-    positions are computed differently), the sweep falls back to full forwards with a warning.
-    reuse_prefix=None (default): reuse it when the traces run locally, not when they run remotely
-    (`mars_core.remote`), where the key/value cache would travel down and up again with every
-    steerer; remotely each steerer is one full-forward request that returns only its logits.
+
+class PrefixCache:
+    """The unsteered key/value cache of one batch's prompt minus its last token, reused to score
+    first-token steerers: `logits(steerer)` costs one single-token forward (nnsight trace) with the
+    steerer's edit, instead of a full forward of the prompt.
+
+    `ok` is False when the cache cannot stand in for a full forward: a one-token prompt, or (with
+    check) the cached unsteered logits differ from a full forward's by more than `atol` (a family
+    whose positions are computed differently; a warning names it). `logits` then runs the full
+    forward (`steerer.last_logits`), so its result never depends on `ok`.
+    Memory: the cache holds every layer's keys and values of the prompt ([batch, kv_heads,
+    seq_len - 1, head_dim] per layer, twice), about `nbytes`.
     """
-    import copy
 
-    import nnsight
+    def __init__(self, mm: Any, batch: Any, *, check: bool = True, atol: float = 1e-4):
+        import nnsight
 
-    from ..remote import resolve
-
-    if reuse_prefix is None:
-        reuse_prefix = not resolve(mm)
-    steerers = list(steerers)
-    out: list[torch.Tensor | None] = [None] * len(steerers)
-    recs: list[dict] = [{} for _ in steerers]
-    cached = [i for i, st in enumerate(steerers) if reuse_prefix and st.edits_last_position_only and st.scope == "first"]
-    inputs = batch.inputs
-    T = batch.seq_len
-    if cached and T < 2:
-        cached = []
-    if cached:
+        self.mm, self.batch = mm, batch
+        self.cache, self.nbytes = None, 0
+        inputs = batch.inputs
+        T = batch.seq_len
+        self.ok = T >= 2
+        if not self.ok:
+            return
         ids = inputs["input_ids"]
         seq_keys = [k for k, v in inputs.items() if isinstance(v, torch.Tensor) and v.dim() == 2 and v.shape == ids.shape]
         pos = _prefix_positions(mm, inputs)
@@ -82,36 +80,85 @@ def first_token_sweep(mm: Any, batch: Any, steerers: Sequence[Steerer], *, reuse
         if pos is not None:
             pre["position_ids"] = pos[..., :-1]
             last["position_ids"] = pos[..., -1:]
+        self._last = last
         with torch.no_grad():
             with mm.nn.trace(pre, use_cache=True):
                 cache = nnsight.save(mm.nn.output.past_key_values)
-
-        def run_last(st):
-            step_inputs = dict(last, past_key_values=copy.deepcopy(cache), use_cache=True)
-            with torch.no_grad(), warnings.catch_warnings():
-                # transformers 5.2x renames `past_key_values` to `cache` (a FutureWarning per call);
-                # the old name is what every supported version accepts
-                warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated.*")
-                with mm.nn.trace(step_inputs):
-                    rec = nnsight.save({})
-                    st.apply(mm, batch, steps=1, record=rec)
-                    lg = nnsight.save(mm.logits_envoy.output[:, -1])
-            return lg.detach().float().cpu(), to_cpu(rec)
-
+        self.cache = cache
+        self.nbytes = sum(t.numel() * t.element_size() for t in _tensors(cache))
         if check:
             ref, _ = NoSteer().last_logits(mm, batch)
-            got, _ = run_last(NoSteer())
+            got, _ = self._step(NoSteer())
             err = float((ref - got).abs().max())
             if not err <= atol:
                 warnings.warn(
-                    f"first_token_sweep: the cached-prefix forward differs from a full forward by {err:.3g} "
+                    f"first-token prefix cache: the cached-prefix forward differs from a full forward by {err:.3g} "
                     f"on {getattr(mm, 'model_id', 'this model')}; using full forwards",
-                    stacklevel=2,
+                    stacklevel=3,
                 )
-                cached = []
-        for i in cached:
-            out[i], recs[i] = run_last(steerers[i])
-    for i, st in enumerate(steerers):
-        if out[i] is None:
-            out[i], recs[i] = st.last_logits(mm, batch)
-    return torch.stack(out), recs
+                self.ok, self.cache, self.nbytes = False, None, 0
+
+    def _step(self, st: Steerer) -> tuple[torch.Tensor, dict]:
+        import nnsight
+
+        step_inputs = dict(self._last, past_key_values=copy.deepcopy(self.cache), use_cache=True)
+        with torch.no_grad(), warnings.catch_warnings():
+            # transformers 5.2x renames `past_key_values` to `cache` (a FutureWarning per call);
+            # the old name is what every supported version accepts
+            warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated.*")
+            with self.mm.nn.trace(step_inputs):
+                rec = nnsight.save({})
+                st.apply(self.mm, self.batch, steps=1, record=rec)
+                lg = nnsight.save(self.mm.logits_envoy.output[:, -1])
+        return lg.detach().float().cpu(), to_cpu(rec)
+
+    def logits(self, steerer: Steerer) -> tuple[torch.Tensor, dict]:
+        """Next-token logits at the last prompt column under `steerer`: ([batch, vocab] float32,
+        record), equal to `steerer.last_logits(mm, batch)` within float tolerance."""
+        if self.ok and cacheable(steerer):
+            return self._step(steerer)
+        return steerer.last_logits(self.mm, self.batch)
+
+
+def _tensors(x: Any):
+    """Every tensor inside a (nested) key/value cache object."""
+    if isinstance(x, torch.Tensor):
+        yield x
+    elif isinstance(x, (list, tuple)):
+        for y in x:
+            yield from _tensors(y)
+    elif isinstance(x, dict):
+        for y in x.values():
+            yield from _tensors(y)
+    elif hasattr(x, "layers"):  # transformers' DynamicCache: .layers[i].keys / .values
+        for lay in x.layers:
+            yield from _tensors([getattr(lay, "keys", None), getattr(lay, "values", None)])
+    elif hasattr(x, "key_cache"):
+        yield from _tensors([x.key_cache, x.value_cache])
+
+
+def first_token_sweep(mm: Any, batch: Any, steerers: Sequence[Steerer], *, reuse_prefix: bool | None = None,
+                      check: bool = True, atol: float = 1e-4) -> tuple[torch.Tensor, list[dict]]:
+    """Next-token logits at the last prompt column for each steerer: ([S, batch, vocab] float32, records).
+
+    With reuse_prefix, a `PrefixCache` of the batch is built once (one prefill) and each
+    first-token steerer costs one single-token forward over it: the whole sweep costs about one
+    prefill plus one decoding step per steerer. Steerers that edit other positions (directional
+    ablation) get a full forward. With check, the cached path is verified once per call against
+    a full unsteered forward (max |logit difference| <= atol); if it disagrees, the sweep falls
+    back to full forwards with a warning.
+    reuse_prefix=None (default): reuse it when the traces run locally, not when they run remotely
+    (`mars_core.remote`), where the key/value cache would travel down and up again with every
+    steerer; remotely each steerer is one full-forward request that returns only its logits.
+    """
+    from ..remote import resolve
+
+    if reuse_prefix is None:
+        reuse_prefix = not resolve(mm)
+    steerers = list(steerers)
+    if reuse_prefix and any(cacheable(st) for st in steerers):
+        pc = PrefixCache(mm, batch, check=check, atol=atol)
+        outs = [pc.logits(st) for st in steerers]
+    else:
+        outs = [st.last_logits(mm, batch) for st in steerers]
+    return torch.stack([o[0] for o in outs]), [o[1] for o in outs]
