@@ -630,9 +630,38 @@ def test_first_token_sweep_falls_back_when_check_fails(models, calibrations, mon
     monkeypatch.setattr(steering, "_prefix_positions", lambda mm, inputs: torch.arange(T).flip(0).expand(2, T).contiguous())  # wrong: reversed
     sts = [NoSteer(), MARS(cal, 1, tau=-5.0)]
     with pytest.warns(UserWarning, match="using full forwards"):
-        fast, _ = steering.first_token_sweep(mm, batch, sts)
+        fast, _ = steering.first_token_sweep(mm, batch, sts, check=True)
     for i, st_ in enumerate(sts):
         assert torch.equal(fast[i], st_.last_logits(mm, batch)[0])
+
+
+def test_prefix_cache_is_verified_once_per_kind_of_batch(models, calibrations, monkeypatch):
+    """check="once": the first batch of each kind (media keys, left padding) per model runs the
+    full-forward check, later ones reuse the verdict; check=True always runs it; a failed verdict
+    sends later batches of that kind to full forwards too."""
+    import mars_core.steering.sweep as sweep
+    from mars_core.steering.baselines import NoSteer as NS
+
+    mm, cal = models("llava"), calibrations("llava")
+    monkeypatch.setattr(sweep, "_VERIFIED", sweep.weakref.WeakKeyDictionary())
+    calls = []
+    orig = NS.last_logits
+    monkeypatch.setattr(NS, "last_logits", lambda self, *a, **k: calls.append(1) or orig(self, *a, **k))
+    img = mm.build_batch(HARM[:2], **_media("llava", 2))
+    img2 = mm.build_batch(HARM[2:4], **_media("llava", 2))
+    txt = mm.build_batch(["Hi", "Tell me how to steal a car now please."])  # left padded, no media
+    assert sweep.prefix_kind(mm, img.inputs) != sweep.prefix_kind(mm, txt.inputs)
+    for b, want in ((img, 1), (img2, 1), (txt, 2), (img, 2)):
+        assert sweep.PrefixCache(mm, b).ok
+        assert len(calls) == want
+    sweep.PrefixCache(mm, img2, check=True)
+    assert len(calls) == 3
+    sweep._VERIFIED[mm][sweep.prefix_kind(mm, img.inputs)] = False  # as after a failed check
+    pc = sweep.PrefixCache(mm, img2)
+    st_ = MARS(cal, 1, tau=-5.0)
+    assert not pc.ok and torch.equal(pc.logits(st_)[0], st_.last_logits(mm, img2)[0])
+    with pytest.raises(InputError, match="check="):
+        sweep.PrefixCache(mm, img, check="always")
 
 
 def test_generate_in_chunks_equals_per_chunk(models, calibrations):

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import copy
 import warnings
+import weakref
 from typing import Any, Sequence
 
 import torch
 
+from ..errors import InputError
 from .base import Steerer, to_cpu
 from .baselines import NoSteer
 
@@ -39,6 +41,19 @@ def _prefix_positions(mm: Any, inputs: dict) -> torch.Tensor | None:
     return None
 
 
+_VERIFIED: "weakref.WeakKeyDictionary[Any, dict[tuple, bool]]" = weakref.WeakKeyDictionary()
+"""model -> {prefix kind: whether its cached path matched a full forward} (check="once")."""
+
+
+def prefix_kind(mm: Any, inputs: dict) -> tuple:
+    """What decides how a cached prefix's positions are computed (`_prefix_positions`): the media
+    keys of the batch (mrope ids, image tokens) and, without media, left padding (mask-derived ids)."""
+    media = tuple(sorted(k for k in inputs if k.startswith("pixel_values")))
+    mask = inputs.get("attention_mask")
+    padded = mask is not None and not bool(mask.all())
+    return (media, padded and not media)
+
+
 def cacheable(steerer: Steerer) -> bool:
     """Whether `steerer`'s first-token logits can come from a prompt-prefix cache: it edits the
     last prompt column only, at the first generated token only."""
@@ -50,17 +65,22 @@ class PrefixCache:
     first-token steerers: `logits(steerer)` costs one single-token forward (nnsight trace) with the
     steerer's edit, instead of a full forward of the prompt.
 
-    `ok` is False when the cache cannot stand in for a full forward: a one-token prompt, or (with
-    check) the cached unsteered logits differ from a full forward's by more than `atol` (a family
-    whose positions are computed differently; a warning names it). `logits` then runs the full
-    forward (`steerer.last_logits`), so its result never depends on `ok`.
+    `ok` is False when the cache cannot stand in for a full forward: a one-token prompt, or the
+    check failed: the cached unsteered logits differ from a full forward's by more than `atol` (a
+    family whose positions are computed differently; a warning names it). `logits` then runs the
+    full forward (`steerer.last_logits`), so its result never depends on `ok`. check: True
+    verifies this batch (one extra full forward); "once" (default) verifies the first batch of
+    each kind (`prefix_kind`: media keys, left padding) per model and reuses the verdict; False
+    trusts the cache.
     Memory: the cache holds every layer's keys and values of the prompt ([batch, kv_heads,
     seq_len - 1, head_dim] per layer, twice), about `nbytes`.
     """
 
-    def __init__(self, mm: Any, batch: Any, *, check: bool = True, atol: float = 1e-4):
+    def __init__(self, mm: Any, batch: Any, *, check: bool | str = "once", atol: float = 1e-4):
         import nnsight
 
+        if check not in (True, False, "once"):
+            raise InputError(f"check={check!r}; use True (verify this batch), 'once' or False")
         self.mm, self.batch = mm, batch
         self.cache, self.nbytes = None, 0
         inputs = batch.inputs
@@ -86,17 +106,21 @@ class PrefixCache:
                 cache = nnsight.save(mm.nn.output.past_key_values)
         self.cache = cache
         self.nbytes = sum(t.numel() * t.element_size() for t in _tensors(cache))
-        if check:
+        kind = prefix_kind(mm, inputs)
+        seen = _VERIFIED.setdefault(mm, {}) if check == "once" else {}
+        if check and kind not in seen:
             ref, _ = NoSteer().last_logits(mm, batch)
             got, _ = self._step(NoSteer())
             err = float((ref - got).abs().max())
-            if not err <= atol:
+            seen[kind] = err <= atol
+            if not seen[kind]:
                 warnings.warn(
                     f"first-token prefix cache: the cached-prefix forward differs from a full forward by {err:.3g} "
                     f"on {getattr(mm, 'model_id', 'this model')}; using full forwards",
                     stacklevel=3,
                 )
-                self.ok, self.cache, self.nbytes = False, None, 0
+        if check and not seen[kind]:
+            self.ok, self.cache, self.nbytes = False, None, 0
 
     def _step(self, st: Steerer) -> tuple[torch.Tensor, dict]:
         import nnsight
@@ -138,15 +162,15 @@ def _tensors(x: Any):
 
 
 def first_token_sweep(mm: Any, batch: Any, steerers: Sequence[Steerer], *, reuse_prefix: bool | None = None,
-                      check: bool = True, atol: float = 1e-4) -> tuple[torch.Tensor, list[dict]]:
+                      check: bool | str = "once", atol: float = 1e-4) -> tuple[torch.Tensor, list[dict]]:
     """Next-token logits at the last prompt column for each steerer: ([S, batch, vocab] float32, records).
 
     With reuse_prefix, a `PrefixCache` of the batch is built once (one prefill) and each
     first-token steerer costs one single-token forward over it: the whole sweep costs about one
     prefill plus one decoding step per steerer. Steerers that edit other positions (directional
-    ablation) get a full forward. With check, the cached path is verified once per call against
-    a full unsteered forward (max |logit difference| <= atol); if it disagrees, the sweep falls
-    back to full forwards with a warning.
+    ablation) get a full forward. The cached path is verified against a full unsteered forward
+    (max |logit difference| <= atol; `PrefixCache`'s check: "once" per model and kind of batch,
+    True for this batch); if it disagrees, the sweep falls back to full forwards with a warning.
     reuse_prefix=None (default): reuse it when the traces run locally, not when they run remotely
     (`mars_core.remote`), where the key/value cache would travel down and up again with every
     steerer; remotely each steerer is one full-forward request that returns only its logits.
