@@ -144,12 +144,13 @@ def select_mars_gate(
     gate = {"tau": float(taus[j]), "gain": float(gains[k]), "margin": float(margins[m_])}
     # how often the chosen gate opens (re-centred score s > tau) on each safe set
     chosen = MARS(calibration, layer, **gate, **kw)
-    def rec(n, i):
-        return (caches[n][i].logits(chosen) if caches[n] else chosen.last_logits(mm, batches[n][i]))[1]
-
-    opens = np.array([float(torch.cat([rec(n, i)["score"].reshape(-1) for i in range(len(batches[n]))])
-                            .gt(gate["tau"]).double().mean()) for n in names])
-    del caches
+    opens = []
+    for n in names:
+        recs = [c.logits(chosen)[1] for c in caches[n]] if caches[n] else \
+            [chosen.last_logits(mm, b)[1] for b in batches[n]]
+        opens.append(float(torch.cat([r["score"].reshape(-1) for r in recs]).gt(gate["tau"]).double().mean()))
+    opens = np.array(opens)
+    caches.clear()  # the prompt caches are not needed past this point
     wide = [f"{n} {o:.0%}" for n, o in zip(names, opens) if o > 0.5]
     if wide:
         warnings.warn(f"the fitted MARS gate (tau={gate['tau']:g}) opens on most prompts of safe set(s) "
