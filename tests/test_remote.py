@@ -616,7 +616,8 @@ def test_fake_ndif_layer_sweep_equals_local(setup, ndif_mm, fake_ndif):
     """first_token_sweep (MARS layer selection's inner loop) under the model's NDIF default: no
     prefix reuse (the key/value cache would travel with every steerer), one full-forward request
     per steerer, and the logits equal the local (prefix-reusing) ones; forcing reuse_prefix=True
-    remotely still works (prefix, check, one per steerer)."""
+    remotely still works (prefix, check, one per steerer; check=True: the default checks once per
+    model and kind of batch, which an earlier test may have done)."""
     from mars_core.steering import first_token_sweep
 
     _, mm, cal, batch = setup
@@ -628,8 +629,8 @@ def test_fake_ndif_layer_sweep_equals_local(setup, ndif_mm, fake_ndif):
     torch.testing.assert_close(got, ref, rtol=0, atol=1e-4)  # the documented cached-vs-full tolerance
     assert all(torch.allclose(a["alpha"], b["alpha"], atol=1e-5) for a, b in zip(recs[1:], ref_recs[1:]))
     n1 = fake_ndif.n
-    got2, _ = first_token_sweep(ndif_mm, batch, steerers, reuse_prefix=True)
-    assert fake_ndif.n - n1 == 3 + len(steerers)  # prefix, check (full + cached), one per steerer
+    got2, _ = first_token_sweep(ndif_mm, batch, steerers, reuse_prefix=True, check=True)
+    assert fake_ndif.n - n1 == 3 + len(steerers)  # prefix, check of this batch (full + cached), one per steerer
     torch.testing.assert_close(got2, ref, rtol=0, atol=0)
 
 

@@ -77,8 +77,6 @@ class PrefixCache:
     """
 
     def __init__(self, mm: Any, batch: Any, *, check: bool | str = "once", atol: float = 1e-4):
-        import nnsight
-
         if check not in (True, False, "once"):
             raise InputError(f"check={check!r}; use True (verify this batch), 'once' or False")
         self.mm, self.batch = mm, batch
@@ -101,10 +99,8 @@ class PrefixCache:
             pre["position_ids"] = pos[..., :-1]
             last["position_ids"] = pos[..., -1:]
         self._last = last
-        with torch.no_grad():
-            with mm.nn.trace(pre, use_cache=True):
-                cache = nnsight.save(mm.nn.output.past_key_values)
-        self.cache = cache
+        self.cache = _prefill(mm, pre)
+        cache = self.cache
         self.nbytes = sum(t.numel() * t.element_size() for t in _tensors(cache))
         kind = prefix_kind(mm, inputs)
         seen = _VERIFIED.setdefault(mm, {}) if check == "once" else {}
@@ -123,18 +119,7 @@ class PrefixCache:
             self.ok, self.cache, self.nbytes = False, None, 0
 
     def _step(self, st: Steerer) -> tuple[torch.Tensor, dict]:
-        import nnsight
-
-        step_inputs = dict(self._last, past_key_values=copy.deepcopy(self.cache), use_cache=True)
-        with torch.no_grad(), warnings.catch_warnings():
-            # transformers 5.2x renames `past_key_values` to `cache` (a FutureWarning per call);
-            # the old name is what every supported version accepts
-            warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated.*")
-            with self.mm.nn.trace(step_inputs):
-                rec = nnsight.save({})
-                st.apply(self.mm, self.batch, steps=1, record=rec)
-                lg = nnsight.save(self.mm.logits_envoy.output[:, -1])
-        return lg.detach().float().cpu(), to_cpu(rec)
+        return _cached_step(self.mm, self.batch, self._last, self.cache, st)
 
     def logits(self, steerer: Steerer) -> tuple[torch.Tensor, dict]:
         """Next-token logits at the last prompt column under `steerer`: ([batch, vocab] float32,
@@ -142,6 +127,34 @@ class PrefixCache:
         if self.ok and cacheable(steerer):
             return self._step(steerer)
         return steerer.last_logits(self.mm, self.batch)
+
+
+# The traces live in module functions whose frames hold no PrefixCache: a remote request pickles
+# the frame's values (and code by value), and the cache object's module state must not travel.
+def _prefill(mm: Any, pre: dict):
+    """The unsteered key/value cache of `pre` (the prompt minus its last token)."""
+    import nnsight
+
+    with torch.no_grad():
+        with mm.nn.trace(pre, use_cache=True):
+            cache = nnsight.save(mm.nn.output.past_key_values)
+    return cache
+
+
+def _cached_step(mm: Any, batch: Any, last: dict, cache: Any, st: Steerer) -> tuple[torch.Tensor, dict]:
+    """One single-token forward of the last prompt token over a copy of `cache`, with `st`'s edit."""
+    import nnsight
+
+    step_inputs = dict(last, past_key_values=copy.deepcopy(cache), use_cache=True)
+    with torch.no_grad(), warnings.catch_warnings():
+        # transformers 5.2x renames `past_key_values` to `cache` (a FutureWarning per call);
+        # the old name is what every supported version accepts
+        warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated.*")
+        with mm.nn.trace(step_inputs):
+            rec = nnsight.save({})
+            st.apply(mm, batch, steps=1, record=rec)
+            lg = nnsight.save(mm.logits_envoy.output[:, -1])
+    return lg.detach().float().cpu(), to_cpu(rec)
 
 
 def _tensors(x: Any):
