@@ -10,8 +10,8 @@ float32, one torch thread. Inputs (from `analysis.reproduce.default_suite`, seed
 from 64 + 64 training prompts, the neutral calibration, then `fit_mars` on N harmful training
 texts, the safe sets harmless_text_train / harmless_image_cal / captions_cal (N each, spread
 over the set) and the 48 neutral images, MARS layers --layers, the default gate grids.
-Agreement before the ratio counts: the same layer and gate, and the layer-selection and gate
-rates within 1e-6 of each other.
+Agreement before the ratio counts: the same layer and gate, the layer selection's induced
+refusal within 1e-4 log-odds and the gate rates within 1e-6.
 Timing: each variant once, in the same process, one after the other (a fit is minutes; the
 machine's drift over that span is in the wall/cpu pair printed), both clocks. Target
 (PASS/FAIL, exit 1 on FAIL): full forwards / cached >= 5 on the cpu clock.
@@ -28,6 +28,7 @@ import datetime
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,8 +100,6 @@ def main(argv=None) -> int:
     if a.generate:
         variants.append((f"generate {a.generate} tokens per point", "generate"))
     res = {}
-    import warnings
-
     for name, how in variants:
         orig = base.Steerer.last_logits
         if how == "generate":
@@ -119,7 +118,7 @@ def main(argv=None) -> int:
     ref = res[variants[0][0]][0]
     ok = True
     print()
-    for name, _ in variants[1:]:
+    for name, how in variants[1:]:
         m, wall, cpu = res[name]
         same = m.fit_info["layer"] == ref.fit_info["layer"] and m.fit_info["gate"] == ref.fit_info["gate"]
         d_layer = float(np.nanmax(np.abs(m.selection["induced"].values - ref.selection["induced"].values)))
@@ -129,7 +128,7 @@ def main(argv=None) -> int:
         r_cpu, r_wall = cpu / res[variants[0][0]][2], wall / res[variants[0][0]][1]
         print(f"{name} / cached: cpu {r_cpu:.2f}x, wall {r_wall:.2f}x; same choice {same}, "
               f"max |d induced| {d_layer:.2g} log-odds, max |d gate rate| {d_gate:.2g}")
-        if how_is_full(name):
+        if how is False:  # the full-forward grid carries the target
             good = agree and r_cpu >= 5.0
             ok &= good
             print(f"target: full forwards / cached >= 5 (cpu) at the same choice: {'PASS' if good else 'FAIL'}")
@@ -138,10 +137,6 @@ def main(argv=None) -> int:
           f"gate fallback {ref.fit_info['gate_fallback']})")
     print(f"overall: {'PASS' if ok else 'FAIL'}")
     return 0 if ok else 1
-
-
-def how_is_full(name: str) -> bool:
-    return name.startswith("full forward")
 
 
 if __name__ == "__main__":

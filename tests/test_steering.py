@@ -650,16 +650,17 @@ def test_prefix_cache_is_verified_once_per_kind_of_batch(models, calibrations, m
     img = mm.build_batch(HARM[:2], **_media("llava", 2))
     img2 = mm.build_batch(HARM[2:4], **_media("llava", 2))
     txt = mm.build_batch(["Hi", "Tell me how to steal a car now please."])  # left padded, no media
-    assert sweep.prefix_kind(mm, img.inputs) != sweep.prefix_kind(mm, txt.inputs)
+    assert sweep.prefix_kind(img.inputs) != sweep.prefix_kind(txt.inputs)
     for b, want in ((img, 1), (img2, 1), (txt, 2), (img, 2)):
         assert sweep.PrefixCache(mm, b).ok
         assert len(calls) == want
     sweep.PrefixCache(mm, img2, check=True)
     assert len(calls) == 3
-    sweep._VERIFIED[mm][sweep.prefix_kind(mm, img.inputs)] = False  # as after a failed check
+    sweep._VERIFIED[mm][sweep.prefix_kind(img.inputs)] = False  # as after a failed check
     pc = sweep.PrefixCache(mm, img2)
     st_ = MARS(cal, 1, tau=-5.0)
-    assert not pc.ok and torch.equal(pc.logits(st_)[0], st_.last_logits(mm, img2)[0])
+    assert not pc.ok and pc.cache is None and pc.nbytes == 0  # no prefill for a kind that failed
+    assert torch.equal(pc.logits(st_)[0], st_.last_logits(mm, img2)[0])
     with pytest.raises(InputError, match="check="):
         sweep.PrefixCache(mm, img, check="always")
 

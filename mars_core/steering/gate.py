@@ -87,7 +87,7 @@ def select_mars_gate(
     tau, smallest gain and margin, is returned and a warning issued) and the sets' hashes.
     reuse_prefix (None: when the model runs locally): every grid point is scored over one
     `PrefixCache` per safe-set batch (one prefill per batch for the whole grid, then one
-    single-token forward per batch and point; the caches are held until the fit ends); False:
+    single-token forward per batch and point; the caches are held until this call returns); False:
     a full forward per batch and point (remotely, one request per batch group).
     """
     import xarray as xr

@@ -45,7 +45,7 @@ _VERIFIED: "weakref.WeakKeyDictionary[Any, dict[tuple, bool]]" = weakref.WeakKey
 """model -> {prefix kind: whether its cached path matched a full forward} (check="once")."""
 
 
-def prefix_kind(mm: Any, inputs: dict) -> tuple:
+def prefix_kind(inputs: dict) -> tuple:
     """What decides how a cached prefix's positions are computed (`_prefix_positions`): the media
     keys of the batch (mrope ids, image tokens) and, without media, left padding (mask-derived ids)."""
     media = tuple(sorted(k for k in inputs if k.startswith("pixel_values")))
@@ -99,11 +99,13 @@ class PrefixCache:
             pre["position_ids"] = pos[..., :-1]
             last["position_ids"] = pos[..., -1:]
         self._last = last
-        self.cache = _prefill(mm, pre)
-        cache = self.cache
-        self.nbytes = sum(t.numel() * t.element_size() for t in _tensors(cache))
-        kind = prefix_kind(mm, inputs)
+        kind = prefix_kind(inputs)
         seen = _VERIFIED.setdefault(mm, {}) if check == "once" else {}
+        if seen.get(kind) is False:  # this kind already failed its check: no prefill
+            self.ok = False
+            return
+        self.cache = _prefill(mm, pre)
+        self.nbytes = sum(t.numel() * t.element_size() for t in _tensors(self.cache))
         if check and kind not in seen:
             ref, _ = NoSteer().last_logits(mm, batch)
             got, _ = self._step(NoSteer())
