@@ -75,7 +75,7 @@ def main(argv=None) -> int:
     from analysis.models import open_organism
     from analysis.reproduce import cap, default_suite
     from mars_core.directions import RefusalDirections
-    from mars_core.steering import fit_mars, neutral_calibration
+    from mars_core.steering import PrefixStore, fit_mars, neutral_calibration
 
     torch.set_num_threads(1)
     print(f"fit_sweeps {datetime.datetime.now().isoformat(timespec='seconds')}: mars_core {mars_core.__version__}, "
@@ -92,9 +92,11 @@ def main(argv=None) -> int:
     print(f"model {mm.model_id}: fit_mars on {n} harmful texts, safe sets {', '.join(f'{k} {len(v)}' for k, v in safe.items())}, "
           f"{len(neutral['image'])} neutral images, layers {layers}, batches of {a.batch_size}, default gate grids", flush=True)
 
+    store = PrefixStore(mm)  # the cached fit's caches, kept to report their size
+
     def fit(reuse):
         return fit_mars(mm, cal, harmful, safe, neutral=neutral, layers=layers, batch_size=a.batch_size,
-                        reuse_prefix=reuse)
+                        reuse_prefix=reuse, prefix_store=store if reuse else None)
 
     variants = [("cached prefix (package)", True), ("full forward per point", False)]
     if a.generate:
@@ -114,6 +116,10 @@ def main(argv=None) -> int:
             base.Steerer.last_logits = orig
         print(f"  {name}: {res[name][1]:.1f} s wall, {res[name][2]:.1f} s cpu; layer {m.fit_info['layer']}, "
               f"gate {m.fit_info['gate']}", flush=True)
+        if how is True:
+            print(f"    prompt caches: {len(store)} batches prefilled once, reused {store.hits} times, "
+                  f"{store.nbytes / 2**20:.1f} MiB held", flush=True)
+            store.clear()
 
     ref = res[variants[0][0]][0]
     ok = True
@@ -135,6 +141,9 @@ def main(argv=None) -> int:
     sel = ref.selection.attrs.get("fallback", "")
     print(f"(the chosen layer {ref.fit_info['layer']}{' is the selection fallback: ' + sel if sel else ''}; "
           f"gate fallback {ref.fit_info['gate_fallback']})")
+    opens = ref.gate_selection["gate_open"]
+    print("(the chosen gate opens on " + ", ".join(f"{n} {float(opens.sel(set=n)):.0%}" for n in opens.set.values)
+          + " of the safe sets; above half, the gain and trust region, not the gate, keep them from refusing)")
     print(f"overall: {'PASS' if ok else 'FAIL'}")
     return 0 if ok else 1
 

@@ -665,6 +665,50 @@ def test_prefix_cache_is_verified_once_per_kind_of_batch(models, calibrations, m
         sweep.PrefixCache(mm, img, check="always")
 
 
+def test_prefix_store_keys_by_content_and_fit_prefills_each_batch_once(models, calibrations, monkeypatch):
+    """PrefixStore: a batch built again from the same prompts and media is a hit (same cache), other
+    prompts or other media a miss; first_token_sweep over it equals the sweep without it.
+    fit_mars with a store prefills each distinct batch once over both layer passes and the gate,
+    a second fit on the same prompts prefills nothing, and both equal full forwards' choice."""
+    import mars_core.steering.sweep as sweep
+    from mars_core.prompts import PromptSet
+    from mars_core.steering import PrefixStore, fit_mars, first_token_sweep
+
+    mm, cal = models("llava"), calibrations("llava")
+    other_mm = models("qwen2_5_vl")
+    store = PrefixStore(mm)
+    a = mm.build_batch(HARM[:2], **_media("llava", 2))
+    a2 = mm.build_batch(HARM[:2], **_media("llava", 2))
+    b = mm.build_batch(HARM[2:4], **_media("llava", 2))
+    assert store.get(a) is store.get(a2) and (store.hits, store.misses) == (1, 1)
+    assert store.get(b) is not store.get(a) and len(store) == 2 and store.nbytes == store.get(a).nbytes * 2
+    assert sweep.batch_key(a) != sweep.batch_key(mm.build_batch(HARM[:2]))  # same texts, no image
+    sts = [NoSteer(), MARS(cal, 1, tau=-5.0)]
+    torch.testing.assert_close(first_token_sweep(mm, a, sts, store=store)[0], first_token_sweep(mm, a, sts)[0],
+                               rtol=0, atol=0)
+    with pytest.raises(InputError, match="another model"):
+        first_token_sweep(other_mm, other_mm.build_batch(HARM[:2]), sts, store=store)
+    with pytest.raises(InputError, match="another model"):
+        fit_mars(other_mm, cal, HARM[:2], {}, prefix_store=store)
+
+    prefills = []
+    orig = sweep._prefill
+    monkeypatch.setattr(sweep, "_prefill", lambda mm_, pre: prefills.append(1) or orig(mm_, pre))
+    safe = {"text": PromptSet("text", ["Write a poem about the sea.", "Name three fruits."]),
+            "image": PromptSet("image", ["Describe this picture.", "What colour is it?"], images=_media("llava", 2)["images"])}
+    kw = dict(n_neutral=2, layers=[0, 1, 2], taus=[0.0, 0.5], gains=[2.0], margins=[0.5], batch_size=2)
+    fit_store = PrefixStore(mm)
+    fast = fit_mars(mm, cal, HARM[:2], safe, prefix_store=fit_store, **kw)
+    n_batches = 1 + 1 + 2  # harmful text, neutral images, two safe sets (one batch each)
+    assert len(fit_store) == n_batches and len(prefills) == n_batches and fit_store.hits > 0
+    again = fit_mars(mm, cal, HARM[:2], safe, prefix_store=fit_store, **kw)
+    assert len(prefills) == n_batches  # nothing prefilled again
+    slow = fit_mars(mm, cal, HARM[:2], safe, reuse_prefix=False, **kw)
+    assert fast.fit_info == again.fit_info == slow.fit_info
+    np.testing.assert_allclose(fast.selection["induced"].values, slow.selection["induced"].values, atol=1e-4)
+    np.testing.assert_array_equal(fast.gate_selection["rate"].values, slow.gate_selection["rate"].values)
+
+
 def test_generate_in_chunks_equals_per_chunk(models, calibrations):
     mm, cal = models("llava"), calibrations("llava")
     st_ = MARS(cal, 1, tau=-5.0)

@@ -9,6 +9,7 @@ Modules, one concern each:
   calibration  `MarsCalibration`, `neutral_calibration` (the one measuring path), `calibrate_mars`
   neutral      generated object-less inputs (`neutral_sets`, `media_side`)
   sweep        `PrefixCache` (a prompt's key/value cache reused to score first-token steerers),
+               `PrefixStore` (caches of many batches keyed by their content),
                `first_token_sweep` (many steerers on one batch)
   layer        `select_mars_layer`;  gate  `select_mars_gate`;  fit  `fit_mars` (layer + gate)
 `AutoSteer` lives in `mars_core.autosteer`. Everything that runs inside a trace uses only torch
@@ -26,10 +27,10 @@ from .layer import select_mars_layer
 from .mars import MARS
 from .neutral import NEUTRAL_REQUESTS, media_side, neutral_images, neutral_sets, neutral_videos
 from .operator import mars_strength, project_out
-from .sweep import PrefixCache, first_token_sweep
+from .sweep import PrefixCache, PrefixStore, first_token_sweep
 
 __all__ = [
-    "ActAdd", "DirectionalAblation", "Generations", "MARS", "MarsCalibration", "NEUTRAL_REQUESTS", "NoSteer", "PrefixCache",
+    "ActAdd", "DirectionalAblation", "Generations", "MARS", "MarsCalibration", "NEUTRAL_REQUESTS", "NoSteer", "PrefixCache", "PrefixStore",
     "Steerer", "ablate_direction", "add_vector", "calibrate_mars", "first_token_sweep", "fit_mars",
     "mars_strength", "media_side", "neutral_calibration", "neutral_images", "neutral_sets", "neutral_videos",
     "project_out", "register_remote", "select_mars_gate", "select_mars_layer", "select_mars_tau",

@@ -56,6 +56,7 @@ def fit_mars(
     n_neutral: int = 8,
     seed: int = 1,
     reuse_prefix: bool | None = None,
+    prefix_store: Any = None,
     **operator: Any,
 ) -> MARS:
     """MARS for `mm` with its layer and gate fitted from text and safe data (module docstring).
@@ -68,6 +69,9 @@ def fit_mars(
     settings (recenter, trust_region, offset_mode, ...), kept through the fit. reuse_prefix: how
     both sweeps score a grid point (None: over the prompt's key/value cache when the model runs
     locally, `PrefixCache`; False: a full forward per point; same choice within float tolerance).
+    With the cache, one `PrefixStore` holds every batch's cache for the whole fit, so the second
+    layer pass (and a gate re-fit) prefill nothing again; it is dropped at the end unless given as
+    prefix_store (then it is kept: its `nbytes`, and later fits on the same prompts reuse it).
 
     Returns the MARS operator with `.selection` (layer Dataset), `.gate_selection` (gate Dataset,
     None when every gate part was fixed) and `.fit_info` (chosen layer and gate, the layer with
@@ -89,10 +93,19 @@ def fit_mars(
              "margins": list(margins) if fixed["margin"] is None else [fixed["margin"]]}
     all_fixed = all(v is not None for v in fixed.values())
 
+    from ..remote import resolve
+    from .sweep import PrefixStore
+
+    if prefix_store is not None and prefix_store.mm is not mm:
+        raise InputError("fit_mars: prefix_store belongs to another model; make one PrefixStore per model")
+    use_cache = not resolve(mm) if reuse_prefix is None else bool(reuse_prefix)
+    store = (prefix_store if prefix_store is not None else PrefixStore(mm)) if use_cache else None
+
     def choose_layer(g: Mapping[str, float]):
         return select_mars_layer(mm, calibration, harmful, neutral=neutral, layer=layer, layers=layers,
                                  spurious_bound=spurious_bound, batch_size=batch_size, n_neutral=n_neutral, seed=seed,
-                                 mars_kwargs={**operator, **g}, reuse_prefix=reuse_prefix)
+                                 mars_kwargs={**operator, **g}, reuse_prefix=reuse_prefix,
+                                 prefix_store=store)
 
     def choose_gate(at: int):
         if all_fixed:
@@ -101,7 +114,8 @@ def fit_mars(
             raise InputError("fitting the MARS gate needs safe prompt sets (harmless text, harmless image "
                              "requests, captions); give safe_sets, or fix the gate with gate={...}")
         g, ds = select_mars_gate(mm, calibration, at, safe_sets, max_increase=max_increase, batch_size=batch_size,
-                                 mars_kwargs=operator, reuse_prefix=reuse_prefix, **grids)
+                                 mars_kwargs=operator, reuse_prefix=reuse_prefix, prefix_store=store,
+                                 **grids)
         return g, ds
 
     layer0, layer_ds = choose_layer(start)
@@ -111,6 +125,8 @@ def fit_mars(
         chosen, layer_ds = choose_layer(g)
         if chosen != layer0:  # re-fit every free part at the new layer
             g, gate_ds = choose_gate(chosen)
+    if store is not None and prefix_store is None:
+        store.clear()
     op = MARS(calibration, chosen, **operator, **g)
     op.selection, op.gate_selection = layer_ds, gate_ds
     op.fit_info = {

@@ -69,6 +69,7 @@ def select_mars_gate(
     mars_kwargs: Mapping[str, Any] | None = None,
     full_grid: bool = False,
     reuse_prefix: bool | None = None,
+    prefix_store: Any = None,
 ):
     """The most permissive MARS gate at `layer` that keeps every safe set within `max_increase`.
 
@@ -87,8 +88,9 @@ def select_mars_gate(
     tau, smallest gain and margin, is returned and a warning issued) and the sets' hashes.
     reuse_prefix (None: when the model runs locally): every grid point is scored over one
     `PrefixCache` per safe-set batch (one prefill per batch for the whole grid, then one
-    single-token forward per batch and point; the caches are held until this call returns); False:
-    a full forward per batch and point (remotely, one request per batch group).
+    single-token forward per batch and point, the unsteered rate included; the caches are held
+    until this call returns, or in `prefix_store`, a `PrefixStore`, when one is given); False: a
+    full forward per batch and point (remotely, one request per batch group).
     """
     import xarray as xr
 
@@ -116,8 +118,11 @@ def select_mars_gate(
 
     if reuse_prefix is None:
         reuse_prefix = not resolve(mm)
-    caches = {n: [PrefixCache(mm, b) for b in batches[n]] if reuse_prefix else None for n in names}
-    base = np.array([_refusal_rate(mm, batches[n], NoSteer(), ids) for n in names])
+    if prefix_store is not None and prefix_store.mm is not mm:
+        raise InputError("select_mars_gate: prefix_store belongs to another model; make one PrefixStore per model")
+    make = prefix_store.get if prefix_store is not None else (lambda b: PrefixCache(mm, b))
+    caches = {n: [make(b) for b in batches[n]] if reuse_prefix else None for n in names}
+    base = np.array([_refusal_rate(mm, batches[n], NoSteer(), ids, caches[n]) for n in names])
     rate = np.full((len(names), len(taus), len(gains), len(margins)), np.nan)
     last = len(taus) - 1  # without full_grid: no tau above the smallest feasible one found so far
     for k, g in enumerate(gains):

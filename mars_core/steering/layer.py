@@ -36,6 +36,7 @@ def select_mars_layer(
     batch_size: int = 8,
     mars_kwargs: dict[str, Any] | None = None,
     reuse_prefix: bool | None = None,
+    prefix_store: Any = None,
 ):
     """Choose MARS's intervention layer from text-only data and neutral multimodal inputs.
 
@@ -50,7 +51,8 @@ def select_mars_layer(
     maximises induced among feasible layers (lowest layer on ties); if none is feasible the layer
     with the smallest max spurious_delta is chosen and attrs["fallback"] says so (with a warning).
     A given `layer` overrides: only it is evaluated and it is returned. reuse_prefix: passed to
-    `first_token_sweep` (None: reuse the prompt cache when local; False: full forwards).
+    `first_token_sweep` (None: reuse the prompt cache when local; False: full forwards);
+    prefix_store: a `PrefixStore` to keep the prompt caches in (fit_mars's second pass reuses them).
 
     Returns (layer, xarray.Dataset) with vars induced, induced_base, alpha_harmful, gate_harmful,
     score_harmful [layer]; spurious, spurious_base, spurious_delta, alpha_neutral, gate_neutral,
@@ -98,7 +100,7 @@ def select_mars_layer(
         n = len(steerers)
         scores, alphas, ss = [[] for _ in range(n)], [[] for _ in range(n)], [[] for _ in range(n)]
         for b in bs:
-            logits, recs = first_token_sweep(mm, b, steerers, reuse_prefix=reuse_prefix)
+            logits, recs = first_token_sweep(mm, b, steerers, reuse_prefix=reuse_prefix, store=prefix_store)
             for j in range(n):
                 scores[j].append(first_token_refusal_score(logits[j], refusal_ids))
                 if "alpha" in recs[j]:

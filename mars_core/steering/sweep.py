@@ -3,12 +3,14 @@
 A first-token steerer edits only the last prompt column, so every earlier column equals the
 unsteered forward's: `PrefixCache` runs the prompt minus its last token once and scores each
 steerer with one single-token forward over that key/value cache; `first_token_sweep` does that
-for a list of steerers on one batch.
+for a list of steerers on one batch; `PrefixStore` keeps the caches of many batches, keyed by the
+batch's content, so several sweeps over the same prompts (fit_mars's two layer passes) prefill once.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import warnings
 import weakref
 from typing import Any, Sequence
@@ -131,6 +133,60 @@ class PrefixCache:
         return steerer.last_logits(self.mm, self.batch)
 
 
+def batch_key(batch: Any) -> str:
+    """A content hash of a batch's model inputs (every tensor's name, dtype, shape and bytes):
+    equal for two batches the model cannot tell apart."""
+    h = hashlib.sha256()
+    for k in sorted(batch.inputs):
+        v = batch.inputs[k]
+        h.update(k.encode())
+        if isinstance(v, torch.Tensor):
+            t = v.detach().cpu().contiguous().reshape(-1)
+            h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        else:
+            h.update(repr(v).encode())
+    return h.hexdigest()
+
+
+class PrefixStore:
+    """`PrefixCache`s of many batches for one model, keyed by `batch_key` (the batch's content):
+    `get(batch)` builds a batch's cache on first use and returns the same one after, so sweeps
+    over the same prompts (fit_mars's layer passes before and after the gate) prefill once.
+
+    Memory: every cache is held until `clear()` (or the store is dropped); `nbytes` is their
+    total. check / atol: as for `PrefixCache`.
+    """
+
+    def __init__(self, mm: Any, *, check: bool | str = "once", atol: float = 1e-4):
+        if check not in (True, False, "once"):
+            raise InputError(f"check={check!r}; use True (verify each batch), 'once' or False")
+        self.mm, self.check, self.atol = mm, check, atol
+        self._caches: dict[str, PrefixCache] = {}
+        self.hits = self.misses = 0
+
+    def get(self, batch: Any) -> PrefixCache:
+        """The cache of `batch` (built now on first use)."""
+        key = batch_key(batch)
+        pc = self._caches.get(key)
+        if pc is None:
+            self.misses += 1
+            pc = self._caches[key] = PrefixCache(self.mm, batch, check=self.check, atol=self.atol)
+        else:
+            self.hits += 1
+        return pc
+
+    @property
+    def nbytes(self) -> int:
+        return sum(pc.nbytes for pc in self._caches.values())
+
+    def __len__(self) -> int:
+        return len(self._caches)
+
+    def clear(self) -> None:
+        self._caches.clear()
+
+
 # The traces live in module functions whose frames hold no PrefixCache: a remote request pickles
 # the frame's values (and code by value), and the cache object's module state must not travel.
 def _prefill(mm: Any, pre: dict):
@@ -177,7 +233,8 @@ def _tensors(x: Any):
 
 
 def first_token_sweep(mm: Any, batch: Any, steerers: Sequence[Steerer], *, reuse_prefix: bool | None = None,
-                      check: bool | str = "once", atol: float = 1e-4) -> tuple[torch.Tensor, list[dict]]:
+                      check: bool | str = "once", atol: float = 1e-4,
+                      store: PrefixStore | None = None) -> tuple[torch.Tensor, list[dict]]:
     """Next-token logits at the last prompt column for each steerer: ([S, batch, vocab] float32, records).
 
     With reuse_prefix, a `PrefixCache` of the batch is built once (one prefill) and each
@@ -196,7 +253,9 @@ def first_token_sweep(mm: Any, batch: Any, steerers: Sequence[Steerer], *, reuse
         reuse_prefix = not resolve(mm)
     steerers = list(steerers)
     if reuse_prefix and any(cacheable(st) for st in steerers):
-        pc = PrefixCache(mm, batch, check=check, atol=atol)
+        if store is not None and store.mm is not mm:
+            raise InputError("first_token_sweep: store belongs to another model; make one PrefixStore per model")
+        pc = store.get(batch) if store is not None else PrefixCache(mm, batch, check=check, atol=atol)
         outs = [pc.logits(st) for st in steerers]
     else:
         outs = [st.last_logits(mm, batch) for st in steerers]
