@@ -96,8 +96,8 @@ def fit_mars(
     from ..remote import resolve
     from .sweep import PrefixStore
 
-    if prefix_store is not None and prefix_store.mm is not mm:
-        raise InputError("fit_mars: prefix_store belongs to another model; make one PrefixStore per model")
+    if prefix_store is not None:
+        prefix_store.check_model(mm, "fit_mars")
     use_cache = not resolve(mm) if reuse_prefix is None else bool(reuse_prefix)
     store = (prefix_store if prefix_store is not None else PrefixStore(mm)) if use_cache else None
 

@@ -118,8 +118,8 @@ def select_mars_gate(
 
     if reuse_prefix is None:
         reuse_prefix = not resolve(mm)
-    if prefix_store is not None and prefix_store.mm is not mm:
-        raise InputError("select_mars_gate: prefix_store belongs to another model; make one PrefixStore per model")
+    if prefix_store is not None:
+        prefix_store.check_model(mm, "select_mars_gate")
     make = prefix_store.get if prefix_store is not None else (lambda b: PrefixCache(mm, b))
     caches = {n: [make(b) for b in batches[n]] if reuse_prefix else None for n in names}
     base = np.array([_refusal_rate(mm, batches[n], NoSteer(), ids, caches[n]) for n in names])

@@ -165,6 +165,11 @@ class PrefixStore:
         self._caches: dict[str, PrefixCache] = {}
         self.hits = self.misses = 0
 
+    def check_model(self, mm: Any, who: str) -> None:
+        """Raise InputError when this store belongs to another model than `mm` (`who`: the caller)."""
+        if self.mm is not mm:
+            raise InputError(f"{who}: the prefix store belongs to another model; make one PrefixStore per model")
+
     def get(self, batch: Any) -> PrefixCache:
         """The cache of `batch` (built now on first use)."""
         key = batch_key(batch)
@@ -253,8 +258,8 @@ def first_token_sweep(mm: Any, batch: Any, steerers: Sequence[Steerer], *, reuse
         reuse_prefix = not resolve(mm)
     steerers = list(steerers)
     if reuse_prefix and any(cacheable(st) for st in steerers):
-        if store is not None and store.mm is not mm:
-            raise InputError("first_token_sweep: store belongs to another model; make one PrefixStore per model")
+        if store is not None:
+            store.check_model(mm, "first_token_sweep")
         pc = store.get(batch) if store is not None else PrefixCache(mm, batch, check=check, atol=atol)
         outs = [pc.logits(st) for st in steerers]
     else:
