@@ -22,6 +22,16 @@ bypass_score among those passing all filters (first in (layer, pos) order on tie
 passes, the lowest bypass_score among pass_layer candidates is chosen, attrs["fallback"] says so
 and a warning is raised.
 
+scores="all" (the default, as in Arditi et al.) scores every candidate: C x (n_harmful + 2 x
+n_harmless) prompt forwards for C candidates, and the Dataset holds the full score maps.
+scores="needed" computes only what the choice depends on, and chooses the same candidate: the
+bypass score of every candidate at a layer < the cut (every candidate if none is), then, in
+ascending bypass order (ties in (layer, pos) order), its KL and, only if the KL filter passes, its
+induce score, stopping at the first candidate that passes both. If none passes (the fallback),
+every candidate below the cut has had its KL scored. Unscored entries are NaN; `scored_bypass`,
+`scored_kl`, `scored_induce` say which were computed; attrs["n_forwards"] counts the batches run
+either way.
+
 All edits are nnsight edits inside one trace per batch (`mars_core.steering.baselines.ablate_direction`,
 `add_vector`).
 """
@@ -104,6 +114,7 @@ def select_direction(
     induce_coeff: float = 1.0,
     include_embeddings: bool = True,
     batch_size: int = 8,
+    scores: Literal["all", "needed"] = "all",
 ):
     """Score every candidate (layer, pos) and choose one (see module docstring).
 
@@ -115,6 +126,7 @@ def select_direction(
       bypass_score, induce_score, kl, direction_norm   float64 [layer, pos]
       bypass_prompt [layer, pos, harmful]; induce_prompt, kl_prompt [layer, pos, harmless]
       pass_layer, pass_kl, pass_induce, passes          bool [layer, pos]
+      scored_bypass, scored_kl, scored_induce           bool [layer, pos] (all True for scores="all")
       baseline_harmful [harmful], baseline_harmless [harmless]  refusal log-odds without edits
     attrs: chosen_layer, chosen_pos, n_passing, fallback, the settings, the directions'
     provenance (prefixed "directions_"), validation-set hashes and sizes.
@@ -145,43 +157,67 @@ def select_direction(
         refusal_ids = refusal_token_ids(mm.tokenizer)
     refusal_ids = list(refusal_ids)
 
+    if scores not in ("all", "needed"):
+        raise InputError(f"scores must be 'all' or 'needed', got {scores!r}")
     hb = _batches(mm, harmful_val, batch_size)
     sb = _batches(mm, harmless_val, batch_size)
+    n_fwd = [0]
 
-    def scores(batches: list[Any], edit=None) -> tuple[torch.Tensor, torch.Tensor]:
+    def run(batches: list[Any], edit=None) -> tuple[np.ndarray, torch.Tensor]:
         logits = torch.cat([last_logits(mm, b, edit) for b in batches])
-        return first_token_refusal_score(logits, refusal_ids), logits
+        n_fwd[0] += len(batches)
+        return first_token_refusal_score(logits, refusal_ids).numpy(), logits
 
-    base_h, _ = scores(hb)
-    base_s, base_s_logits = scores(sb)
+    base_h, _ = run(hb)
+    base_s, base_s_logits = run(sb)
 
     L, P = len(cand_layers), len(cand_pos)
-    bypass_p = np.zeros((L, P, len(harmful_val)))
-    induce_p = np.zeros((L, P, len(harmless_val)))
-    kl_p = np.zeros((L, P, len(harmless_val)))
-    norms = np.zeros((L, P))
-    for i, l in enumerate(cand_layers):
-        for j, p in enumerate(cand_pos):
-            r = directions.direction(l, p, unit=True)
-            v = directions.direction(l, p, unit=False)
-            norms[i, j] = float(v.norm())
-            if norms[i, j] == 0:
-                bypass_p[i, j] = base_h.numpy()
-                induce_p[i, j] = base_s.numpy()
-                continue
+    nan = np.nan if scores == "needed" else 0.0
+    bypass_p = np.full((L, P, len(harmful_val)), nan)
+    induce_p = np.full((L, P, len(harmless_val)), nan)
+    kl_p = np.full((L, P, len(harmless_val)), nan)
+    scored_b, scored_k, scored_i = (np.zeros((L, P), bool) for _ in range(3))
+    norms = np.array([[float(directions.direction(l, p, unit=False).norm()) for p in cand_pos] for l in cand_layers])
 
-            def abl(m, r=r):
-                ablate_direction(m.layers, r, include_embeddings=include_embeddings)
+    def abl_edit(i, j):
+        r = directions.direction(cand_layers[i], cand_pos[j], unit=True)
+        return lambda m: ablate_direction(m.layers, r, include_embeddings=include_embeddings)
 
-            def ind(m, v=v, l=l):
-                add_vector(m.layers, v, l, positions=induce_positions, coeff=induce_coeff)
+    def score_bypass(i, j):
+        scored_b[i, j] = True
+        bypass_p[i, j] = base_h if norms[i, j] == 0 else run(hb, abl_edit(i, j))[0]
 
-            s_h, _ = scores(hb, abl)
-            _, lg_s = scores(sb, abl)
-            s_i, _ = scores(sb, ind)
-            bypass_p[i, j] = s_h.numpy()
-            induce_p[i, j] = s_i.numpy()
-            kl_p[i, j] = kl_divergence(base_s_logits, lg_s).numpy()
+    def score_filters(i, j, lazy=False):
+        """KL, then the induce score (skipped when lazy and the KL filter already failed)."""
+        scored_k[i, j] = True
+        if norms[i, j] == 0:
+            scored_i[i, j] = True
+            induce_p[i, j], kl_p[i, j] = base_s, 0.0
+            return
+        l, v = cand_layers[i], directions.direction(cand_layers[i], cand_pos[j], unit=False)
+        _, lg_s = run(sb, abl_edit(i, j))
+        kl_p[i, j] = kl_divergence(base_s_logits, lg_s).numpy()
+        if lazy and not kl_p.mean(-1)[i, j] < kl_threshold:
+            return
+        scored_i[i, j] = True
+        induce_p[i, j] = run(sb, lambda m: add_vector(m.layers, v, l, positions=induce_positions,
+                                                     coeff=induce_coeff))[0]
+
+    cells = [(i, j) for i in range(L) for j in range(P)]
+    if scores == "all":
+        for i, j in cells:
+            score_bypass(i, j)
+            score_filters(i, j)
+    else:
+        cut = int(np.floor(int(mm.n_layers) * (1.0 - prune_layer_frac)))
+        first = [c for c in cells if cand_layers[c[0]] < cut] or cells
+        for c in first:
+            score_bypass(*c)
+        b_mean = bypass_p.mean(-1)  # the same reductions choose_candidate sees
+        for i, j in sorted(first, key=lambda c: (b_mean[c], c)):
+            score_filters(i, j, lazy=True)
+            if kl_p.mean(-1)[i, j] < kl_threshold and induce_p.mean(-1)[i, j] > induce_threshold:
+                break
 
     bypass, induce, kl = bypass_p.mean(-1), induce_p.mean(-1), kl_p.mean(-1)
     ch = choose_candidate(bypass, induce, kl, cand_layers, int(mm.n_layers), prune_layer_frac, kl_threshold, induce_threshold)
@@ -207,6 +243,8 @@ def select_direction(
         induce_positions=induce_positions,
         induce_coeff=float(induce_coeff),
         include_embeddings=int(include_embeddings),
+        scores=scores,
+        n_forwards=int(n_fwd[0]),
         refusal_ids=refusal_ids,
         harmful_val_sha256=sha256_text(harmful_val),
         harmless_val_sha256=sha256_text(harmless_val),
@@ -227,8 +265,11 @@ def select_direction(
         "pass_kl": (lp, ch["pass_kl"], "1", f"kl < {kl_threshold}"),
         "pass_induce": (lp, ch["pass_induce"], "1", f"induce_score > {induce_threshold}"),
         "passes": (lp, ch["passes"], "1", "passes every filter"),
-        "baseline_harmful": (("harmful",), base_h.numpy(), logodds, "refusal score of harmful prompts, no edit"),
-        "baseline_harmless": (("harmless",), base_s.numpy(), logodds, "refusal score of harmless prompts, no edit"),
+        "scored_bypass": (lp, scored_b, "1", "bypass score computed (scores='needed' skips some)"),
+        "scored_kl": (lp, scored_k, "1", "KL computed (scores='needed' skips some)"),
+        "scored_induce": (lp, scored_i, "1", "induce score computed (scores='needed' skips some)"),
+        "baseline_harmful": (("harmful",), base_h, logodds, "refusal score of harmful prompts, no edit"),
+        "baseline_harmless": (("harmless",), base_s, logodds, "refusal score of harmless prompts, no edit"),
     }
     data = {k: xr.Variable(d, v, attrs={"units": u, "long_name": n}) for k, (d, v, u, n) in spec.items()}
     return xr.Dataset(

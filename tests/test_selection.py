@@ -250,3 +250,52 @@ def test_select_direction_errors():
     rd_ok = RefusalDirections.extract(mm, HARMFUL[:1], HARMLESS[:1], layers=[0])
     with pytest.raises(InputError):
         select_direction(mm, rd_ok, [], HARMLESS)
+
+
+@pytest.mark.parametrize("kw", [{}, {"kl_threshold": -1.0}, {"induce_threshold": 1e9},
+                                {"induce_threshold": -1e9, "kl_threshold": 1e9}])
+def test_needed_scores_choose_as_all_scores(kw):
+    """scores="needed" skips scores that cannot change the choice, and chooses the same candidate
+    with the same fallback; what it scored equals the full map, the rest is NaN.
+    kl_threshold=-1: no KL passes (every candidate below the cut gets its KL, none its induce
+    score); induce_threshold=1e9: KL may pass, induce never; loose thresholds: the lowest bypass
+    below the cut passes at once."""
+    tiny = build_tiny("llama")
+    mm = load_model(tiny.model, tiny.tokenizer)
+    rd = RefusalDirections.extract(mm, HARMFUL, HARMLESS)
+    with _maybe_warn():
+        full = select_direction(mm, rd, HARMFUL[:3], HARMLESS[:2], batch_size=2, **kw)
+        lazy = select_direction(mm, rd, HARMFUL[:3], HARMLESS[:2], batch_size=2, scores="needed", **kw)
+    assert chosen(lazy) == chosen(full) and lazy.attrs["fallback"] == full.attrs["fallback"]
+    for v in ("scored_bypass", "scored_kl", "scored_induce"):
+        assert full[v].all(), v
+    below = (full.layer < 3).broadcast_like(full["bypass_score"]).values  # floor(0.8 * 4) = 3
+    sb, sk, si = (lazy[v].values for v in ("scored_bypass", "scored_kl", "scored_induce"))
+    np.testing.assert_array_equal(sb, below)
+    for v, m in (("bypass_score", sb), ("kl", sk), ("induce_score", si)):
+        np.testing.assert_array_equal(lazy[v].values[m], full[v].values[m])
+        assert np.isnan(lazy[v].values[~m]).all(), v
+    np.testing.assert_array_equal(si, sk & full["pass_kl"].values)  # induce only after a passing KL
+    if full.attrs["fallback"]:
+        np.testing.assert_array_equal(sk, below)  # nothing passed: every KL below the cut was tried
+    else:  # every candidate with a lower bypass than the choice was tried and failed, then nothing
+        b = full["bypass_score"].values
+        cl, cp = chosen(full)
+        tried = below & (b < float(full["bypass_score"].sel(layer=cl, pos=cp)))
+        assert sk[tried].all() and not full["passes"].values[tried].any()
+        assert sk.sum() == tried.sum() + 1
+    n_cand = full.sizes["layer"] * full.sizes["pos"]
+    # batches: harmful 2 (3 prompts, batch_size 2), harmless 1; bypass = 2, KL = 1, induce = 1
+    assert full.attrs["n_forwards"] == 3 + 4 * n_cand
+    assert lazy.attrs["n_forwards"] == 3 + 2 * int(sb.sum()) + int(sk.sum()) + int(si.sum())
+    assert lazy.attrs["n_forwards"] < full.attrs["n_forwards"] and lazy.attrs["scores"] == "needed"
+    if kw.get("kl_threshold") == -1.0:
+        assert not si.any()
+
+
+def test_scores_mode_is_checked():
+    tiny = build_tiny("llama")
+    mm = load_model(tiny.model, tiny.tokenizer)
+    rd = RefusalDirections.extract(mm, HARMFUL[:1], HARMLESS[:1], layers=[0])
+    with pytest.raises(InputError, match="scores must be"):
+        select_direction(mm, rd, HARMFUL, HARMLESS, scores="some")
