@@ -42,6 +42,10 @@ process at its own moment, and the ratio to a plain forward measured alongside c
 the drift of a shared machine. Steer: the package's first-token steered generate <= 1.02x its
 unsteered generate, and its ratio to plain generate no higher than any peer's first-token one.
 
+The other jobs of issue 14 are their own scripts (each compares the package with a full-forward
+or raw-hook re-implementation in one process): fit MARS `benchmarks/fit_sweeps.py`, select
+`benchmarks/select_sweep.py`, stop early and memory `benchmarks/capture_overhead.py`.
+
 Usage:
     bash benchmarks/peers/setup.sh                 # once: the peers' environments
     python benchmarks/peers.py --quick             # extract 32 + 32 prompts, 3 reps; steer 8 x 16, 2 reps
