@@ -24,7 +24,6 @@ machine's drift over that span is in the wall/cpu pair printed), both clocks. Ta
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import sys
 import time
@@ -68,23 +67,13 @@ def main(argv=None) -> int:
     layers = [int(x) for x in a.layers.split(",")] if a.layers else ([9, 15, 21] if a.quick else list(range(3, 28, 3)))
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import numpy as np
-    import torch
 
-    import mars_core
     import mars_core.steering.base as base
-    from analysis.models import open_organism
-    from analysis.reproduce import cap, default_suite
-    from mars_core.directions import RefusalDirections
+    from analysis.reproduce import cap
     from mars_core.steering import PrefixStore, fit_mars, neutral_calibration
+    from organism_setup import smol_setup
 
-    torch.set_num_threads(1)
-    print(f"fit_sweeps {datetime.datetime.now().isoformat(timespec='seconds')}: mars_core {mars_core.__version__}, "
-          f"torch {torch.__version__}, {os.cpu_count()} cpus, load average "
-          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
-    mm, _ = open_organism("smol")
-    s = default_suite("organism:smol", mm, 0)
-    dirs = RefusalDirections.extract(mm, cap(s["harmful_text_train"], 64).texts, cap(s["harmless_text_train"], 64).texts,
-                                     batch_size=32, progress=False)
+    mm, s, dirs = smol_setup("fit_sweeps")
     cal = neutral_calibration(mm, dirs, s["neutral_text"], {"image": s["neutral_image"]}, batch_size=32)
     safe = {k: cap(s[k], n) for k in ("harmless_text_train", "harmless_image_cal", "captions_cal")}
     harmful = cap(s["harmful_text_train"], n)

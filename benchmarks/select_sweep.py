@@ -41,7 +41,6 @@ cost of nnsight edits at equal work) and the number of forwards each ran.
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import sys
 import time
@@ -128,27 +127,17 @@ def main(argv=None) -> int:
     n = a.n or (8 if a.quick else 32)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import numpy as np
-    import torch
 
-    import mars_core
-    from analysis.models import open_organism
-    from analysis.reproduce import cap, default_suite
-    from mars_core.directions import RefusalDirections
+    from analysis.reproduce import cap
     from mars_core.model import _get_path
     from mars_core.organism.smol.load import load_smol
     from mars_core.scoring import refusal_token_ids
     from mars_core.selection import chosen, select_direction
+    from organism_setup import smol_setup
 
-    torch.set_num_threads(1)
-    print(f"select_sweep {datetime.datetime.now().isoformat(timespec='seconds')}: mars_core {mars_core.__version__}, "
-          f"torch {torch.__version__}, {os.cpu_count()} cpus, load average "
-          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
-    mm, _ = open_organism("smol")
+    mm, s, dirs = smol_setup("select_sweep")
     layers = ([int(x) for x in a.layers.split(",")] if a.layers else
               (list(range(0, mm.n_layers, 3)) if a.quick else list(range(mm.n_layers))))
-    s = default_suite("organism:smol", mm, 0)
-    dirs = RefusalDirections.extract(mm, cap(s["harmful_text_train"], 64).texts, cap(s["harmless_text_train"], 64).texts,
-                                     batch_size=32, progress=False)
     harmful, harmless = cap(s["harmful_text"], n).texts, cap(s["harmless_text"], n).texts
     positions = list(dirs.positions)
     ids = refusal_token_ids(mm.tokenizer)

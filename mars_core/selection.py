@@ -55,6 +55,11 @@ def _batches(mm: Any, prompts: list[str], batch_size: int) -> list[Any]:
     return [mm.build_batch(prompts[i : i + batch_size]) for i in range(0, len(prompts), batch_size)]
 
 
+def layer_cut(n_layers: int, prune_layer_frac: float) -> int:
+    """Candidates at layers below this pass the layer filter: floor(n_layers * (1 - prune_layer_frac))."""
+    return int(np.floor(int(n_layers) * (1.0 - prune_layer_frac)))
+
+
 def choose_candidate(
     bypass: np.ndarray,
     induce: np.ndarray,
@@ -71,16 +76,16 @@ def choose_candidate(
     "index" (i, j) of the choice, "fallback" (str, "" if a candidate passed every filter)}.
     """
     bypass, induce, kl = (np.asarray(a, dtype=np.float64) for a in (bypass, induce, kl))
-    layer_cut = int(np.floor(n_layers * (1.0 - prune_layer_frac)))
+    cut = layer_cut(n_layers, prune_layer_frac)
     lay = np.asarray(layers)[:, None]
-    pass_layer = np.broadcast_to(lay < layer_cut, bypass.shape).copy()
+    pass_layer = np.broadcast_to(lay < cut, bypass.shape).copy()
     pass_kl = np.nan_to_num(kl, nan=np.inf) < kl_threshold
     pass_induce = np.nan_to_num(induce, nan=-np.inf) > induce_threshold
     passes = pass_layer & pass_kl & pass_induce
     fallback = ""
     pool = passes
     if not passes.any():
-        fallback = "no candidate passed every filter; chose the lowest bypass score among layers < %d" % layer_cut
+        fallback = "no candidate passed every filter; chose the lowest bypass score among layers < %d" % cut
         pool = pass_layer
         if not pool.any():
             fallback = "no candidate passed any filter; chose the lowest bypass score overall"
@@ -94,7 +99,7 @@ def choose_candidate(
         "passes": passes,
         "index": (int(i), int(j)),
         "fallback": fallback,
-        "layer_cut": layer_cut,
+        "layer_cut": cut,
     }
 
 
@@ -209,7 +214,7 @@ def select_direction(
             score_bypass(i, j)
             score_filters(i, j)
     else:
-        cut = int(np.floor(int(mm.n_layers) * (1.0 - prune_layer_frac)))
+        cut = layer_cut(mm.n_layers, prune_layer_frac)
         first = [c for c in cells if cand_layers[c[0]] < cut] or cells
         for c in first:
             score_bypass(*c)
