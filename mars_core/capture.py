@@ -12,6 +12,8 @@ post-instruction tokens `batch.post_positions` (e.g. `(-5, ..., -1)`), "last" me
 from __future__ import annotations
 
 import gc
+import warnings
+import weakref
 from typing import Any, Sequence
 
 import nnsight
@@ -56,23 +58,68 @@ def resolve_positions(batch: PromptBatch, positions: str | Sequence[int]) -> tup
     return pos
 
 
-def _read(mm: MarsModel, batch: PromptBatch, layers: list[int], pos: tuple[int, ...], reduce: str, remote: bool):
-    """One trace: per layer, the sum over rows (float64) or the rows (float32) at `pos`."""
+def _read(mm: MarsModel, batch: PromptBatch, layers: list[int], pos: tuple[int, ...], reduce: str, remote: bool,
+          inputs: dict | None = None):
+    """One trace: per layer, the sum over rows (float64) or the rows (float32) at `pos`.
+    inputs: what the trace runs instead of `batch.inputs` (a shared head's `tail_inputs`)."""
     idx = list(pos)
     # no autograd graph: a reading needs none, and recording it cost ~15-20% of the forward and
     # doubled peak memory on SmolLM2-135M (benchmarks/peers.py, profile_extract.py)
-    with torch.no_grad(), mm.nn.trace(batch.inputs, remote=remote) as tracer:
-        got = []
-        for layer in layers:
-            h = mm.layers[layer].output[:, idx]  # [batch, n_pos, d_model]
-            if reduce == "mean":
-                got.append(h.to(torch.float64).sum(0))  # [n_pos, d_model]
-            else:
-                got.append(h.to(torch.float32))
-        got = nnsight.save(got)
-        if layers[-1] < mm.n_layers - 1:
-            tracer.stop()
+    with torch.no_grad(), warnings.catch_warnings():
+        # transformers 5.2x renames `past_key_values` (a FutureWarning per call); see steering.sweep
+        warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated.*")
+        with mm.nn.trace(batch.inputs if inputs is None else inputs, remote=remote) as tracer:
+            got = []
+            for layer in layers:
+                h = mm.layers[layer].output[:, idx]  # [batch, n_pos, d_model]
+                if reduce == "mean":
+                    got.append(h.to(torch.float64).sum(0))  # [n_pos, d_model]
+                else:
+                    got.append(h.to(torch.float32))
+            got = nnsight.save(got)
+            if layers[-1] < mm.n_layers - 1:
+                tracer.stop()
     return [g.detach().cpu() for g in got]
+
+
+HEAD_RTOL = 1e-4
+"""Largest difference of a shared-head reading from the full forward's, relative to the largest
+activation of the layer, for the shared head to be used (`_read_local`)."""
+
+_HEAD_OK: "weakref.WeakKeyDictionary[Any, bool]" = weakref.WeakKeyDictionary()
+"""model -> whether its shared-head reading matched a full forward (checked once per model)."""
+
+
+def _read_local(mm: MarsModel, batch: PromptBatch, layers: list[int], pos: tuple[int, ...], reduce: str,
+                share_head: bool) -> tuple[list[torch.Tensor], int]:
+    """`_read` of one local batch, over a shared head when `share_head` and the batch has one
+    (`headshare.split_head`): (per-layer values, head tokens shared (0: full forward)).
+
+    The first shared reading of each model is checked against a full forward (largest difference
+    <= HEAD_RTOL x the layer's largest activation); when it fails, a warning names the difference
+    and the model reads with full forwards from then on."""
+    from . import headshare
+
+    ok = _HEAD_OK.get(mm)
+    split = None
+    if share_head and ok is not False and headshare.supports(mm):
+        pad = mm.tokenizer.pad_token_id if mm.tokenizer.pad_token_id is not None else 0
+        split = headshare.split_head(batch.inputs, max(-p for p in pos), pad)
+    if split is None:
+        return _read(mm, batch, layers, pos, reduce, False), 0
+    got = _read(mm, batch, layers, pos, reduce, False, inputs=headshare.tail_inputs(split, headshare.head_cache(mm, split)))
+    if ok is None:
+        ref = _read(mm, batch, layers, pos, reduce, False)
+        err = max(float((a - b).abs().max() / a.abs().max().clamp(min=1e-12)) for a, b in zip(ref, got))
+        _HEAD_OK[mm] = err <= HEAD_RTOL
+        if err > HEAD_RTOL:
+            warnings.warn(
+                f"capture: the shared-head forward differs from a full forward by {err:.3g} of the largest activation "
+                f"on {mm.model_id}; reading with full forwards (share_head=False skips the check)",
+                stacklevel=3,
+            )
+            return ref, 0
+    return got, split.k
 
 
 def _read_item(mm: MarsModel, item):
@@ -110,6 +157,7 @@ def collect_activations(
     progress: bool | None = None,
     remote: bool | str = False,
     per_session: int | None = None,
+    share_head: bool = False,
 ) -> xr.Dataset:
     """Residual-stream activations of the language backbone at `layers` x `positions`.
 
@@ -126,6 +174,12 @@ def collect_activations(
         `mars_core.remote.SESSION_BATCHES`) go in one nnsight session (one request), and with
         reduce="mean" the sums are added on the server, so one [layer, pos, d_model] sum
         comes back per request.
+    share_head: True: locally, run the tokens every row of a text batch starts with (the chat
+        template's head) once and read the rest of each row over its key/value cache
+        (`mars_core.headshare`; checked once per model against a full forward; equal within float
+        tolerance, not bit for bit, so off by default: remote traces, which always run full
+        forwards, stay equal to local ones). attr `head_tokens_shared`: head tokens not recomputed,
+        summed over rows (0: every batch ran a full forward).
     """
     if reduce not in ("mean", "none"):
         raise InputError(f"reduce={reduce!r}; use 'mean' or 'none'")
@@ -153,6 +207,7 @@ def collect_activations(
     rows: list[list[torch.Tensor]] = [[] for _ in layer_idx]
     pos_ref: tuple[int, ...] | None = None
     modality = "text"
+    shared = 0
     for i_batch, s0 in enumerate(starts):
         if i_batch and i_batch % 64 == 0:
             gc.collect()  # nnsight leaves small reference cycles per trace; keep memory flat
@@ -173,7 +228,8 @@ def collect_activations(
             batches.append((s, batch, pos))
         if not mode:  # local: one trace per batch
             s, batch, pos = batches[0]
-            got = _read(mm, batch, layer_idx, pos, reduce, False)
+            got, k = _read_local(mm, batch, layer_idx, pos, reduce, share_head)
+            shared += k * len(batch)
             _check_finite(layer_idx, [bool(torch.isfinite(g).all()) for g in got], s, len(batch))
             reads = [got]
         else:  # remote: this group of batches in one session (one request)
@@ -199,6 +255,7 @@ def collect_activations(
         n_prompts=len(texts),
         prompt_sha256=sha256_text(texts),
         positions=list(pos_ref),
+        head_tokens_shared=int(shared),
     )
     coords = {"layer": layer_idx, "pos": list(pos_ref)}
     if reduce == "mean":
