@@ -8,6 +8,11 @@ sys.path.insert(1, str(Path(__file__).resolve().parents[2]))  # the checkout's m
 
 import common  # noqa: E402
 
+import os  # noqa: E402
+
+SHARE_HEAD = os.environ.get("MARS_PEERS_SHARE_HEAD") == "1"  # tool "mars-head": share_head=True
+TOOL = "mars-head" if SHARE_HEAD else "mars"
+
 
 def prepare_extract(spec, model, tok, batches):
     import mars_core
@@ -21,7 +26,7 @@ def prepare_extract(spec, model, tok, batches):
 
     def extract():
         rd = RefusalDirections.extract(mm, texts["harmful"], texts["harmless"], positions="post", batch_size=bs,
-                                       progress=False)
+                                       progress=False, share_head=SHARE_HEAD)
         return rd.mean_diff, rd.layers, rd.positions
 
     # information row: the collector's per-batch trace on the prebuilt batches (no tokenizing)
@@ -63,4 +68,4 @@ def prepare_steer(spec, model, tok, steer):
 
 
 if __name__ == "__main__":
-    sys.exit(common.main("mars", {"extract": prepare_extract, "steer": prepare_steer}))
+    sys.exit(common.main(TOOL, {"extract": prepare_extract} if SHARE_HEAD else {"extract": prepare_extract, "steer": prepare_steer}))
