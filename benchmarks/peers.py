@@ -14,7 +14,9 @@ Tools, each in its own process (benchmarks/peers/run_<tool>.py):
   steering-vectors  0.12.2, `record_activations` + `aggregate_activations(mean_aggregator())`
   repeng            0.4.0, its reader `batched_get_hiddens` + a mean difference
   nnterp            1.3.0 on nnsight 0.7.0 (own virtualenv), `layers_output[i]` in a trace
-  transformer-lens  4.3.0 (own virtualenv), `TransformerBridge` + `run_with_cache`
+  transformer-lens  4.3.0 (own virtualenv), `TransformerBridge` + `run_with_cache`; steer: a hook
+                    in `bridge.hooks(...)` around the bridge's greedy `generate` without its
+                    key/value cache (its cached loop repeats one token on SmolLM2)
 The peers are installed by `bash benchmarks/peers/setup.sh` under benchmarks/peers/.envs/; a
 peer that is not installed or cannot run is listed with the reason.
 
@@ -36,7 +38,7 @@ every forward pass ("every": the last prompt column and each generated token; `s
 unsteered as the reference. Agreement: each mode's generated token ids equal the package's.
 Timing: each mode and a plain HF `model.generate` of the same ids, interleaved in the tool's
 process. Peers that cannot express a mode say why (steering-vectors: no prefill-only edit;
-repeng: its control edits every column of every pass; TransformerLens: not implemented here yet).
+repeng: its control edits every column of every pass).
 
 Targets (PASS/FAIL, exit 1 on FAIL): the package's extract ratio <= the fastest agreeing peer's
 (on --clock, cpu by default), judged on the package's faster way (mars-head where it ran; the

@@ -10,7 +10,8 @@ nnsight, no package code on the timed path), one batch of chat-formatted request
             for every row, then one forward of the rest of each row (left padded) over it,
             positions continuing after the head
 
-and prints the share of tokens in the head, the largest difference of the last-column logits,
+and prints the share of tokens in the head (cut by `mars_core.headshare.split_head`, which
+`collect_activations(share_head=True)` uses), the largest difference of the last-column logits,
 and the time of each (ABBA interleaved after a warm-up, median per-repetition ratio, cpu clock).
 
     python benchmarks/peers/profile_prefix.py [--n 16] [--reps 3]
@@ -57,21 +58,12 @@ def main(argv=None) -> int:
     enc = tok(chats, return_tensors="pt", padding=True, add_special_tokens=False)
     ids, mask = enc["input_ids"], enc["attention_mask"]
     rows = [ids[i][mask[i].bool()].tolist() for i in range(len(ids))]
-    k = 0
-    while all(len(r) > k + 1 and r[k] == rows[0][k] for r in rows):
-        k += 1
-    B, T = ids.shape
+    from mars_core.headshare import split_head
+
+    sp = split_head({"input_ids": ids, "attention_mask": mask}, 1, tok.pad_token_id)  # the package's cut
+    k, B, T = sp.k, *ids.shape
     pos_full = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
-    # the rest of each row, left padded to T - k
-    W = T - k
-    rest = torch.full((B, W), tok.pad_token_id, dtype=ids.dtype)
-    rmask = torch.zeros((B, W), dtype=mask.dtype)
-    for i, r in enumerate(rows):
-        tail = r[k:]
-        rest[i, W - len(tail):] = torch.tensor(tail)
-        rmask[i, W - len(tail):] = 1
-    rpos = (k + rmask.cumsum(-1) - 1).masked_fill(rmask == 0, 1)
-    head = torch.tensor([rows[0][:k]])
+    rest, am, rpos, head = sp.rest, sp.mask, sp.position_ids, sp.head
 
     def full():
         with torch.no_grad():
@@ -81,7 +73,6 @@ def main(argv=None) -> int:
         with torch.no_grad():
             cache = model(input_ids=head, use_cache=True).past_key_values
             cache.batch_repeat_interleave(B)
-            am = torch.cat([torch.ones((B, k), dtype=mask.dtype), rmask], 1)
             return model(input_ids=rest, attention_mask=am, position_ids=rpos, past_key_values=cache,
                          cache_position=torch.arange(k, T), use_cache=True).logits[:, -1]
 
