@@ -4,7 +4,12 @@
 Job **extract**: difference-of-means refusal directions at every decoder layer (the residual
 stream output of each layer, at every post-instruction position where the tool can read it,
 else the last prompt position) from N harmful + N harmless chat-formatted prompts, on
-SmolLM2-135M-Instruct in float32 (real weights, offline: `mars_core.organism.smol.base`).
+SmolLM2-135M-Instruct in float32 (real weights, offline: `mars_core.organism.smol.base`), or with
+`--model llava` on the ~200M random LLaVA of benchmarks/capture_overhead.py (seed 0, saved once
+under --out) with an image per prompt (`mars_core.testing.make_image`; the batches carry
+pixel_values): the package reads it with `collect_activations(mm, texts, images=...)` per side
+(RefusalDirections.extract is text-only), repeng cannot pass images, mars-head and steer are
+SmolLM2 only.
 
 Tools, each in its own process (benchmarks/peers/run_<tool>.py):
   mars              `mars_core.RefusalDirections.extract` (end to end from the prompt strings)
@@ -55,7 +60,8 @@ Usage:
     bash benchmarks/peers/setup.sh                 # once: the peers' environments
     python benchmarks/peers.py --quick             # extract 32 + 32 prompts, 3 reps; steer 8 x 16, 2 reps
     python benchmarks/peers.py                     # extract 256 + 256 prompts, 5 reps; steer 16 x 32, 5 reps
-Options: --jobs extract,steer, --n N (prompts per side), --reps N, --batch-size N, --tools a,b,
+    python benchmarks/peers.py --model llava --n 64 --reps 3   # extract with images at ~200M
+Options: --model {smol,llava}, --jobs extract,steer, --n N (prompts per side), --reps N, --batch-size N, --tools a,b,
 --clock {cpu,wall}, --steer-prompts N, --steer-tokens N, --steer-layer L, --diagnose (time the
 package's per-batch trace alone too), --out DIR (JSON, directions, token ids; default a temporary
 folder).
@@ -111,23 +117,55 @@ def prompts(n: int) -> tuple[list[str], list[str]]:
     return [r.text for r in rng.sample(harm, n)], [r.text for r in rng.sample(safe, n)]
 
 
-def build_batches(model_dir: Path, harmful, harmless, bs: int, path: Path) -> dict:
-    """The package's batches (mm.build_batch), saved for every runner."""
+def build_llava(path: Path) -> Path:
+    """The ~200M random LLaVA of benchmarks/capture_overhead.py (Llama text backbone 1024 x 16, the
+    tiny CLIP tower, seed 0) with the tiny llava's processor, saved for every runner to load."""
+    if (path / "config.json").is_file():
+        return path
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from capture_overhead import build_big, tiny_llava
+
+    tiny = tiny_llava()
+    big = build_big(tiny)
+    big.save_pretrained(path)
+    tiny.processor.save_pretrained(path)
+    del big
+    return path
+
+
+def build_batches(model_dir: Path, kind: str, harmful, harmless, bs: int, path: Path) -> dict:
+    """The package's batches (mm.build_batch), saved for every runner. kind "llava": each prompt
+    with an image (`mars_core.testing.make_image(i)`, harmful 0..n-1, harmless n..2n-1), the
+    batches carry pixel_values too."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import mars_core
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, local_files_only=True).eval()
-    tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    mm = mars_core.load_model(model, tok)
+    if kind == "llava":
+        from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+        from mars_core.testing import make_image
+
+        model = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32, local_files_only=True)
+        tok = AutoProcessor.from_pretrained(model_dir, local_files_only=True)
+    else:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, local_files_only=True)
+        tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    mm = mars_core.load_model(model.eval(), tok)
     out: dict = {"texts": {"harmful": harmful, "harmless": harmless}, "rendered": {}}
+    if kind == "llava":
+        out["image_ids"] = {"harmful": list(range(len(harmful))),
+                            "harmless": list(range(len(harmful), len(harmful) + len(harmless)))}
     positions = None
     for side, texts in (("harmful", harmful), ("harmless", harmless)):
         out[side], out["rendered"][side] = [], []
         for i in range(0, len(texts), bs):
-            b = mm.build_batch(texts[i:i + bs])
-            out[side].append({"input_ids": b.inputs["input_ids"], "attention_mask": b.inputs["attention_mask"]})
+            ims = [make_image(j) for j in out["image_ids"][side][i:i + bs]] if kind == "llava" else None
+            b = mm.build_batch(texts[i:i + bs], images=ims)
+            keep = ("input_ids", "attention_mask") + (("pixel_values",) if kind == "llava" else ())
+            out[side].append({k: b.inputs[k] for k in keep})
             out["rendered"][side] += b.rendered
             if positions is None:
                 positions = b.post_positions
@@ -136,8 +174,10 @@ def build_batches(model_dir: Path, harmful, harmless, bs: int, path: Path) -> di
     out["positions"] = list(positions)
     torch.save(out, path)
     shapes = [tuple(b["input_ids"].shape) for s in ("harmful", "harmless") for b in out[s]]
+    n_params = sum(p.numel() for p in model.parameters())
     return {"positions": out["positions"], "post_tokens": out["post_tokens"], "shapes": shapes,
-            "n_layers": mm.n_layers, "d_model": mm.d_model}
+            "n_layers": mm.n_layers, "d_model": mm.d_model, "n_params": n_params,
+            "image_shape": tuple(out["harmful"][0]["pixel_values"].shape[1:]) if kind == "llava" else None}
 
 
 def run_tool(name: str, job: str, spec_path: Path, out_dir: Path, timeout: float) -> dict:
@@ -189,6 +229,9 @@ def main(argv=None) -> int:
     ap.add_argument("--steer-tokens", type=int, default=None, help="steer: new tokens (quick 16, full 32)")
     ap.add_argument("--steer-layer", type=int, default=15, help="steer: the decoder layer edited")
     ap.add_argument("--diagnose", action="store_true", help="extract: also time the package's per-batch trace alone")
+    ap.add_argument("--model", choices=("smol", "llava"), default="smol",
+                    help="smol: SmolLM2-135M-Instruct (real weights); llava: the ~200M random LLaVA of "
+                         "capture_overhead.py with an image per prompt (extract only)")
     a = ap.parse_args(argv)
     jobs = [j.strip() for j in a.jobs.split(",") if j.strip()]
     if not set(jobs) <= {"extract", "steer"}:
@@ -201,6 +244,15 @@ def main(argv=None) -> int:
         ap.error(f"unknown tools {unknown}; choose from {list(TOOLS)}")
     if "mars" not in tools:
         tools.insert(0, "mars")  # the reference every other tool is checked against
+    skipped = []
+    if a.model == "llava":
+        if "steer" in jobs:
+            jobs.remove("steer")
+            skipped.append("job steer: SmolLM2 only (its vector and judged tokens need real weights)")
+        if "mars-head" in tools:
+            tools.remove("mars-head")
+            skipped.append("mars-head: share_head declines batches with images (the head is not shared), "
+                           "so it would repeat the mars row")
     out_dir = Path(a.out or tempfile.mkdtemp(prefix="mars_peers_"))
     out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -220,18 +272,26 @@ def main(argv=None) -> int:
         f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}; 1 torch thread per process; target judged on the "
         f"{a.clock} clock; results in {out_dir}")
 
-    model_dir = base_dir()
+    model_dir = base_dir() if a.model == "smol" else build_llava(out_dir / "llava200m")
     harmful, harmless = prompts(n)
     bpath = out_dir / "batches.pt"
-    info = build_batches(model_dir, harmful, harmless, a.batch_size, bpath)
+    info = build_batches(model_dir, a.model, harmful, harmless, a.batch_size, bpath)
     lens = sorted({s[1] for s in info["shapes"]})
-    log(f"model: SmolLM2-135M-Instruct float32 ({model_dir}), {info['n_layers']} layers, d_model {info['d_model']}")
+    info["model"] = "SmolLM2-135M-Instruct" if a.model == "smol" else "random LLaVA ~200M, an image per prompt"
+    if a.model == "smol":
+        log(f"model: SmolLM2-135M-Instruct float32 ({model_dir}), {info['n_layers']} layers, d_model {info['d_model']}")
+    else:
+        log(f"model: random LlavaForConditionalGeneration float32 (benchmarks/capture_overhead.py build_big, seed 0), "
+            f"{info['n_params']:,} parameters, {info['n_layers']} layers, d_model {info['d_model']}; one image per "
+            f"prompt (mars_core.testing.make_image, pixel_values {info['image_shape']})")
+    for line in skipped:
+        log(f"  skipped: {line}")
     log(f"job extract: {n} harmful + {n} harmless prompts, batches of {a.batch_size} ({len(info['shapes'])} batches, "
         f"{lens[0]}-{lens[-1]} tokens, left padded), post-instruction positions {info['positions']} "
         f"{info['post_tokens']}; {reps} timed repetitions after the warm-up")
 
-    spec = {"model_dir": str(model_dir), "batches": str(bpath), "out_dir": str(out_dir), "reps": reps,
-            "batch_size": a.batch_size, "reference": str(out_dir / "extract_mars.safetensors"),
+    spec = {"model_dir": str(model_dir), "model_kind": a.model, "batches": str(bpath), "out_dir": str(out_dir),
+            "reps": reps, "batch_size": a.batch_size, "reference": str(out_dir / "extract_mars.safetensors"),
             "diagnose": a.diagnose}
     spec_path = out_dir / "spec_extract.json"
     spec_path.write_text(json.dumps(spec, indent=1))
@@ -286,7 +346,8 @@ def report_extract(results, tools, info, n, mode, clk, t_start, out_dir) -> bool
                          "", "", "info", ""])
         for note in r.get("notes", []):
             notes.append(f"{t}: {note}")
-    log(f"\n== extract: {n} + {n} prompts, {info['n_layers']} layers ({mode}, {time.perf_counter() - t_start:.0f} s) ==")
+    log(f"\n== extract: {info['model']}, {n} + {n} prompts, {info['n_layers']} layers ({mode}, "
+        f"{time.perf_counter() - t_start:.0f} s) ==")
     log(fmt_table(rows, ["tool", "time s wall / cpu", "plain s wall / cpu", "ratio wall / cpu", "peak MiB",
                          "maxrss MiB", "agreement (min cos, n)", "positions"]))
     log("time: median over repetitions of the tool's extraction of all prompts; plain: the same batches through a "

@@ -80,8 +80,22 @@ def load_spec(path: str) -> dict:
 
 
 def load_model(spec: dict):
-    """(model, tokenizer) from the converted SmolLM2 folder, float32, eval, 1 thread."""
+    """(model, tokenizer) from the spec's model folder, float32, eval. spec["model_kind"]: "smol"
+    (the converted SmolLM2, AutoModelForCausalLM + AutoTokenizer, left padding; the default) or
+    "llava" (the random ~200M LlavaForConditionalGeneration peers.py saved, with its processor)."""
     import torch
+
+    if spec.get("model_kind", "smol") == "llava":
+        from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+        model = LlavaForConditionalGeneration.from_pretrained(spec["model_dir"], dtype=torch.float32,
+                                                              local_files_only=True)
+        try:
+            return model.eval(), AutoProcessor.from_pretrained(spec["model_dir"], local_files_only=True)
+        except (ImportError, ValueError):  # an env without Pillow/torchvision (nnterp, tlens): the
+            from transformers import AutoTokenizer  # batches carry pixel_values, the tokenizer suffices
+
+            return model.eval(), AutoTokenizer.from_pretrained(spec["model_dir"], local_files_only=True)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=torch.float32, local_files_only=True)
@@ -90,8 +104,17 @@ def load_model(spec: dict):
     return model.eval(), tok
 
 
+def decoder_layers(model):
+    """The language model's decoder layers (a ModuleList): `model.model.layers` (SmolLM2) or
+    `model.model.language_model.layers` (LLaVA), with the module path for tools that take one."""
+    inner = model.model
+    if hasattr(inner, "language_model"):
+        return inner.language_model.layers, "model.language_model.layers"
+    return inner.layers, "model.layers"
+
+
 def load_batches(spec: dict) -> dict:
-    """{"harmful": [{"input_ids", "attention_mask"}...], "harmless": [...], "positions": (-k..-1),
+    """{"harmful": [{"input_ids", "attention_mask"[, "pixel_values"]}...], "harmless": [...], "positions": (-k..-1),
     "rendered": {"harmful": [[str]...], ...}, "texts": {...}} as saved by the package's runner."""
     import torch
 
@@ -99,7 +122,8 @@ def load_batches(spec: dict) -> dict:
 
 
 def plain_forward(model, batches: dict) -> Callable[[], None]:
-    """The reference: a plain `output_hidden_states` forward of every batch, both sides."""
+    """The reference: a plain `output_hidden_states` forward of every batch (all its inputs: ids,
+    mask and, for LLaVA, pixel_values), both sides."""
     import torch
 
     encs = [b for side in ("harmful", "harmless") for b in batches[side]]
@@ -107,7 +131,7 @@ def plain_forward(model, batches: dict) -> Callable[[], None]:
     def plain():
         with torch.no_grad():
             for enc in encs:
-                model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], output_hidden_states=True)
+                model(**enc, output_hidden_states=True)
 
     return plain
 

@@ -16,7 +16,7 @@ def position_ids(mask):
 def prepare_extract(spec, model, tok, batches):
     import torch
 
-    layers_mod = model.model.layers
+    layers_mod, _ = common.decoder_layers(model)
     L = len(layers_mod)
     pos = list(batches["positions"])
     encs = {side: [dict(b, position_ids=position_ids(b["attention_mask"])) for b in batches[side]]
@@ -59,7 +59,7 @@ def prepare_steer(spec, model, tok, steer):
     import torch
 
     v, layer, k, enc = steer["vector"], int(steer["layer"]), int(steer["max_new_tokens"]), steer["enc"]
-    mod = model.model.layers[layer]
+    mod = common.decoder_layers(model)[0][layer]
     S = enc["input_ids"].shape[1]
 
     def gen(mode):

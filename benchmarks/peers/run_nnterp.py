@@ -27,7 +27,7 @@ def prepare_extract(spec, model, tok, batches):
                 got = []  # created outside the trace: a list made inside it is unbound after it (nnsight)
                 # no_grad, as a user extracting activations would: a trace otherwise records the
                 # autograd graph, and the saved sums keep every batch's graph alive
-                with torch.no_grad(), st.trace({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}):
+                with torch.no_grad(), st.trace(dict(enc)):  # ids, mask (and pixel_values for LLaVA)
                     for i in range(L):
                         got.append(st.layers_output[i][:, pos].to(torch.float64).sum(0).save())
                 got = torch.stack([g.value if hasattr(g, "value") else g for g in got])

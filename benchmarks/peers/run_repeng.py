@@ -15,6 +15,10 @@ def prepare_extract(spec, model, tok, batches):
     import torch
     from repeng.extract import batched_get_hiddens
 
+    if "pixel_values" in batches["harmful"][0]:
+        raise NotImplementedError(
+            "repeng cannot read image prompts: its reader batched_get_hiddens calls tokenizer(strings) and "
+            "model(**encoded) with no way to pass pixel_values")
     L = model.config.num_hidden_layers
     bs = int(spec["batch_size"])
     rendered = batches["rendered"]

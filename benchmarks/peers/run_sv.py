@@ -18,6 +18,10 @@ def prepare_extract(spec, model, tok, batches):
 
     pos = list(batches["positions"])
     agg = mean_aggregator()
+    # the decoder blocks named explicitly: on LLaVA the library's guess would find the vision
+    # tower's encoder layers too
+    path = common.decoder_layers(model)[1]
+    layer_config = {"decoder_block": path + ".{num}"}
 
     def extract():
         # the library's own pipeline (train_steering_vector's extract + aggregate), given the
@@ -27,8 +31,8 @@ def prepare_extract(spec, model, tok, batches):
         with torch.no_grad():
             for side in acts:
                 for enc in batches[side]:
-                    with record_activations(model, layer_type="decoder_block") as rec:
-                        model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+                    with record_activations(model, layer_type="decoder_block", layer_config=layer_config) as rec:
+                        model(**enc)
                     for layer, a in rec.items():
                         acts[side][layer].append(a[-1][:, pos])
         layers = sorted(acts["harmful"])

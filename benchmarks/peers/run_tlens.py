@@ -17,7 +17,7 @@ def prepare_extract(spec, model, tok, batches):
 
     plain_model, _ = common.load_model(spec)
     bridge = TransformerBridge.boot_transformers(spec["model_dir"], hf_model=model, tokenizer=tok, device="cpu")
-    L = model.config.num_hidden_layers
+    L = len(common.decoder_layers(model)[0])
     names = {f"blocks.{i}.hook_out" for i in range(L)}
     pos = list(batches["positions"])
     notes = ["boot_transformers forces attn_implementation='eager' (the other tools run the default sdpa)"]
@@ -28,8 +28,9 @@ def prepare_extract(spec, model, tok, batches):
             acc = None
             for enc in batches[side]:
                 with torch.no_grad():
+                    extra = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask")}  # pixel_values
                     _, cache = bridge.run_with_cache(enc["input_ids"], attention_mask=enc["attention_mask"],
-                                                     names_filter=lambda n: n in names)
+                                                     names_filter=lambda n: n in names, **extra)
                 got = torch.stack([cache[f"blocks.{i}.hook_out"][:, pos].to(torch.float64).sum(0) for i in range(L)])
                 acc = got if acc is None else acc + got
             sums[side] = acc
