@@ -31,7 +31,9 @@ the output):
    before it through /proc/self/clear_refs, else a sampling thread) minus the RSS just before
    it; the whole-process peak; ru_maxrss growth; glibc malloc in-use / free-but-held growth;
    and, in a second call (not for the control), the tracemalloc (Python heap) peak. Target: peak above pre-call,
-   4,096 / 256 <= 1.2. Full mode adds a control with the tokenizer's BPE word cache off.
+   4,096 / 256 <= 1.2, judged in full mode with the tokenizer's BPE word cache off (the control,
+   so the ratio reflects the collector, issue 14; the default tokenizer's ratio is printed as
+   information), in quick mode (no control) on the default tokenizer.
 
 Usage:
     python benchmarks/capture_overhead.py --quick      # about a minute
@@ -567,14 +569,19 @@ def main(argv=None) -> int:
         mem = finish_memory_children(procs)
         lo, hi = mem["distinct", sizes[0]], mem["distinct", sizes[1]]
         inc_ratio = hi["peak_above_before_kb"] / max(lo["peak_above_before_kb"], 1)
+        # the target is judged with the tokenizer's word cache bounded (off: the control) where the
+        # control ran and could switch it off, so the ratio reflects the collector (issue 14); the
+        # default tokenizer's row is then information
+        judged_on_control = control and mem["nocache", sizes[1]]["cache_off"]
         good = inc_ratio <= TARGET_MEM_RATIO
-        ok &= good
+        if not judged_on_control:
+            ok &= good
         summary += [
             (
-                f"peak RSS above pre-call RSS, {sizes[1]}/{sizes[0]} prompts",
+                f"peak RSS above pre-call RSS, {sizes[1]}/{sizes[0]} prompts" + (", default tokenizer" if control else ""),
                 f"{inc_ratio:.3f} ({hi['peak_above_before_kb'] / 1024:.1f} vs {lo['peak_above_before_kb'] / 1024:.1f} MiB)",
-                f"<= {TARGET_MEM_RATIO:.2f}",
-                "PASS" if good else "FAIL",
+                "(info)" if judged_on_control else f"<= {TARGET_MEM_RATIO:.2f}",
+                "-" if judged_on_control else ("PASS" if good else "FAIL"),
             ),
             (
                 f"peak process RSS, {sizes[1]}/{sizes[0]} prompts",
@@ -603,13 +610,16 @@ def main(argv=None) -> int:
         if control:
             clo, chi = mem["nocache", sizes[0]], mem["nocache", sizes[1]]
             off = "off" if chi["cache_off"] else "NOT off (no _resize_cache)"
+            c_ratio = chi["peak_above_before_kb"] / max(clo["peak_above_before_kb"], 1)
+            c_good = c_ratio <= TARGET_MEM_RATIO
+            if judged_on_control:
+                ok &= c_good
             summary.append(
                 (
-                    f"control, tokenizer word cache {off}: peak RSS above pre-call, {sizes[1]}/{sizes[0]}",
-                    f"{chi['peak_above_before_kb'] / max(clo['peak_above_before_kb'], 1):.3f} "
-                    f"({chi['peak_above_before_kb'] / 1024:.1f} vs {clo['peak_above_before_kb'] / 1024:.1f} MiB)",
-                    "(info)",
-                    "-",
+                    f"tokenizer word cache {off}: peak RSS above pre-call, {sizes[1]}/{sizes[0]}",
+                    f"{c_ratio:.3f} ({chi['peak_above_before_kb'] / 1024:.1f} vs {clo['peak_above_before_kb'] / 1024:.1f} MiB)",
+                    f"<= {TARGET_MEM_RATIO:.2f}" if judged_on_control else "(info)",
+                    ("PASS" if c_good else "FAIL") if judged_on_control else "-",
                 )
             )
 
