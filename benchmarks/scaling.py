@@ -7,7 +7,7 @@ Series, each point run once in this process (cpu clock, `process_time`; wall pri
                       batches of 8) from N prompts in all (N/2 harmful + N/2 harmless training
                       requests, distinct, a fixed draw), by default and with share_head=True
                       (`mars_core.headshare`), N = 256, 1024, 4096 (quick: 64, 256)
-  extract / batch     the same on 256 prompts (quick 64) at batch sizes 1, 4, 16, 64 (quick
+  extract / batch     the same on 256 prompts (quick 64) at batch sizes 1, 8, 64 (quick
                       1, 4, 16), beside a plain transformers forward (`output_hidden_states`) of
                       the same batches: where batching stops paying, and nnsight's per-trace cost
                       (the ratio to plain) against the batch size
@@ -71,7 +71,7 @@ def main(argv=None) -> int:
         ap.error(f"--series {a.series}: choose from extract, fit")
     q = a.quick
     ns_ext = [64, 256] if q else [256, 1024, 4096]
-    bs_ext = [1, 4, 16] if q else [1, 4, 16, 64]
+    bs_ext = [1, 4, 16] if q else [1, 8, 64]
     n_bs_ext = 64 if q else 256
     ns_fit = [4, 8] if q else [8, 16, 32, 64]
     bs_fit = [4, 16] if q else [4, 8, 16, 32]
