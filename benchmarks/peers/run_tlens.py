@@ -16,6 +16,7 @@ def prepare_extract(spec, model, tok, batches):
     from transformer_lens.model_bridge import TransformerBridge
 
     plain_model, _ = common.load_model(spec)
+    tok = getattr(tok, "tokenizer", tok)  # LLaVA: the bridge takes the processor's tokenizer, not the processor
     bridge = TransformerBridge.boot_transformers(spec["model_dir"], hf_model=model, tokenizer=tok, device="cpu")
     L = len(common.decoder_layers(model)[0])
     names = {f"blocks.{i}.hook_out" for i in range(L)}
