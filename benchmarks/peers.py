@@ -86,6 +86,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 PEERS = ROOT / "benchmarks" / "peers"
 sys.path.insert(1, str(PEERS))
+from common import fmt_table  # noqa: E402  (benchmarks/peers/common.py; stdlib only at import)
 ENVS = PEERS / ".envs"
 
 # name -> (runner, interpreter, folders first on PYTHONPATH, install check, setup name)
@@ -206,12 +207,6 @@ def run_tool(name: str, job: str, spec_path: Path, out_dir: Path, timeout: float
     res["process_s"] = time.perf_counter() - t0
     (out_dir / f"{job}_{name}.stderr").write_text(p.stderr or "")
     return res
-
-
-def fmt_table(rows: list[list[str]], head: list[str]) -> str:
-    w = [max(len(str(r[i])) for r in rows + [head]) for i in range(len(head))]
-    line = lambda r: "  ".join(str(c).ljust(w[i]) for i, c in enumerate(r)).rstrip()  # noqa: E731
-    return "\n".join([line(head), "-" * (sum(w) + 2 * (len(w) - 1))] + [line(r) for r in rows])
 
 
 def main(argv=None) -> int:

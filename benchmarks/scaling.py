@@ -12,7 +12,8 @@ Series, each point run once in this process (cpu clock, `process_time`; wall pri
                       the same batches: where batching stops paying, and nnsight's per-trace cost
                       (the ratio to plain) against the batch size
   fit / prompts       `fit_mars` (the package's cached first-token sweeps) on N prompts a set
-                      (harmful training texts, the three safe sets, N neutral images), layers
+                      (harmful training texts, the three safe sets, neutral images; a set
+                      smaller than N gives all it has), layers
                       9, 15, 21, the default gate grids, batches of 16, N = 8, 16, 32, 64 (quick 4, 8)
   fit / batch         the same at N = 32 (quick 8), batch sizes 4, 8, 16, 32 (quick 4, 16)
 Per point: seconds, seconds per prompt, and against the series' first point the growth of the
@@ -36,21 +37,16 @@ import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-for p in (ROOT, ROOT / "benchmarks"):
+for p in (ROOT, ROOT / "benchmarks", ROOT / "benchmarks" / "peers"):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
+from common import fmt_table as table  # noqa: E402  (benchmarks/peers/common.py, shared with peers.py)
 
 
 def timed(fn):
     c0, t0 = time.process_time(), time.perf_counter()
     out = fn()
     return out, time.process_time() - c0, time.perf_counter() - t0
-
-
-def table(rows, head):
-    w = [max(len(str(r[i])) for r in rows + [head]) for i in range(len(head))]
-    fmt = lambda r: "  ".join(str(c).ljust(w[i]) for i, c in enumerate(r)).rstrip()  # noqa: E731
-    return "\n".join([fmt(head), "-" * (sum(w) + 2 * len(w) - 2)] + [fmt(r) for r in rows])
 
 
 def stops_paying(per_prompt: dict[int, float], within: float = 0.05) -> int:
@@ -189,7 +185,8 @@ def main(argv=None) -> int:
                          f"{g:.3f}", pt["layer"], json.dumps(pt["gate"])])
         print(f"\n== fit MARS against the prompt count (layers {fit_layers}, batches of 16; cpu clock) ==")
         print(table(rows, ["N a set", "prompts", "s cpu / wall", "ms/prompt", "growth", "layer", "gate"]))
-        print("prompts: N harmful + 3 safe sets of N + N neutral images; growth as above", flush=True)
+        print("prompts: the harmful set, the 3 safe sets and the neutral images, each cut to N (a smaller set "
+              "gives all it has: captions_cal and neutral_image hold 48); growth as above", flush=True)
         res["fit_prompts"] = pts
         save()
 

@@ -44,6 +44,13 @@ def set_threads(n: int = 1) -> None:
         pass
 
 
+def fmt_table(rows: list[list[str]], head: list[str]) -> str:
+    """A plain-text table: the head, a rule, the rows, columns padded to their widest cell."""
+    w = [max(len(str(r[i])) for r in rows + [head]) for i in range(len(head))]
+    line = lambda r: "  ".join(str(c).ljust(w[i]) for i, c in enumerate(r)).rstrip()  # noqa: E731
+    return "\n".join([line(head), "-" * (sum(w) + 2 * (len(w) - 1))] + [line(r) for r in rows])
+
+
 # ------------------------------------------------------------------ memory
 def status_kb(field: str = "VmRSS") -> int:
     with open("/proc/self/status") as f:
