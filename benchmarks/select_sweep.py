@@ -12,7 +12,11 @@ same validation prompts, same model:
   package all      `mars_core.select_direction(scores="all")`: the same forwards as nnsight edits.
   package needed   `select_direction(scores="needed")`: the bypass score of every candidate below
                    the layer cut, then KL and induce score in ascending bypass order until one
-                   candidate passes (the rest cannot change the choice).
+                   candidate passes (the rest cannot change the choice); a KL stops after the
+                   batches that already prove it fails the filter (per-prompt KL >= 0).
+  package needed+head  the same with `share_head=True`: each batch's shared chat-template head
+                   (SmolLM2's default system prompt) runs once per edit at batch 1 and the rows'
+                   rest over its key/value cache.
 
 Edit sites (all three): the component along r is removed from the input of layer 0 and from the
 output of every decoder layer at every position (the package's `ablate_direction`); the paper
@@ -28,14 +32,16 @@ position; validation: N held-out harmful + N held-out harmless requests (`harmfu
 `harmless_text`: topics and templates no training stage saw).
 Agreement before the ratio counts: the three choose the same (layer, position); package all vs
 hooks: max |difference| of bypass and induce scores <= 1e-4 log-odds and of KL <= 1e-4 nats over
-every candidate (float32 forwards); package needed's scored entries equal package all's.
+every candidate (float32 forwards); package needed's scored entries equal package all's, and its
+bounded KLs' lower bounds lie between the threshold and all's KL; needed+head's scored entries
+within 1e-4 of all's (a shared head is equal within float tolerance, not bit for bit).
 Timing: each variant once, one after the other in this process, both clocks (a variant is
 minutes; the wall/cpu pair shows the machine's drift). Target (PASS/FAIL, exit 1 on FAIL): hooks /
-package needed >= 5 on the cpu clock at the same choice. Also printed: package all / hooks (the
-cost of nnsight edits at equal work) and the number of forwards each ran.
+package needed+head >= 5 on the cpu clock at the same choice. Also printed: package all / hooks
+(the cost of nnsight edits at equal work), hooks / package needed, and the forwards each ran.
 
-    python benchmarks/select_sweep.py --quick    # layers 0,3,...,27, 8 + 8 prompts (a few minutes)
-    python benchmarks/select_sweep.py            # every layer, 32 + 32 prompts
+    python benchmarks/select_sweep.py --quick    # layers 0,3,...,27, 8 + 8 prompts, batches of 4 (a few minutes)
+    python benchmarks/select_sweep.py            # every layer, 32 + 32 prompts, batches of 8
 """
 
 from __future__ import annotations
@@ -122,9 +128,12 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--n", type=int, default=None, help="validation prompts per side (quick 8, full 32)")
     ap.add_argument("--layers", default=None, help="candidate layers (quick 0,3,...,27; full every layer)")
-    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--batch-size", type=int, default=None, help="prompts per batch (quick 4, full 8)")
     a = ap.parse_args(argv)
     n = a.n or (8 if a.quick else 32)
+    a.batch_size = a.batch_size or (4 if a.quick else 8)
+    if a.batch_size < 1 or n < 1:
+        ap.error("--n and --batch-size must be positive")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import numpy as np
 
@@ -151,12 +160,12 @@ def main(argv=None) -> int:
     hb = [mm.build_batch(harmful[i:i + a.batch_size]) for i in range(0, n, a.batch_size)]
     sb = [mm.build_batch(harmless[i:i + a.batch_size]) for i in range(0, n, a.batch_size)]
 
-    def package(scores):
+    def package(scores, share_head=False):
         return select_direction(mm, dirs, harmful, harmless, layers=layers, refusal_ids=ids,
-                                batch_size=a.batch_size, scores=scores)
+                                batch_size=a.batch_size, scores=scores, share_head=share_head)
 
     res = {}
-    for name in ("hooks", "package all", "package needed"):
+    for name in ("hooks", "package all", "package needed", "package needed+head"):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             c0, t0 = time.process_time(), time.perf_counter()
@@ -165,24 +174,43 @@ def main(argv=None) -> int:
                 out = hooks_select(hf, layers_mod, dirs, hb, sb, layers, positions, ids, mm.n_layers, cnt)
                 n_fwd = cnt[0]
             else:
-                out = package(name.split()[1])
+                mode = name.split()[1]
+                out = package(mode.split("+")[0], share_head=mode.endswith("+head"))
                 n_fwd = out.attrs["n_forwards"]
             res[name] = (out, time.perf_counter() - t0, time.process_time() - c0, n_fwd)
         ch = out[3] if name == "hooks" else chosen(out)
         print(f"  {name}: {res[name][1]:.1f} s wall, {res[name][2]:.1f} s cpu, {n_fwd} batch forwards; "
               f"chose layer {ch[0]}, position {ch[1]}", flush=True)
 
-    hk, full, lazy = res["hooks"][0], res["package all"][0], res["package needed"][0]
+    hk, full, lazy, head = (res[k][0] for k in ("hooks", "package all", "package needed", "package needed+head"))
     d = {k: float(np.max(np.abs(full[v].values - hk[i]))) for i, (k, v) in
          enumerate([("bypass", "bypass_score"), ("induce", "induce_score"), ("kl", "kl")])}
     masks = {v: lazy[f"scored_{k}"].values for k, v in (("bypass", "bypass_score"), ("kl", "kl"),
                                                           ("induce", "induce_score"))}
     lazy_eq = all(np.array_equal(lazy[v].values[m], full[v].values[m]) for v, m in masks.items())
-    same = hk[3] == chosen(full) == chosen(lazy)
-    agree = same and d["bypass"] <= 1e-4 and d["induce"] <= 1e-4 and d["kl"] <= 1e-4 and lazy_eq
+    thr = float(full.attrs["kl_threshold"])
+
+    def bounds_ok(ds, tol):
+        bk = ds["bounded_kl"].values
+        lb = ds["kl_lower_bound"].values[bk]
+        return bool(((lb >= thr) & (lb <= full["kl"].values[bk] + tol)).all()), int(bk.sum())
+
+    head_masks = {v: head[f"scored_{k}"].values for k, v in (("bypass", "bypass_score"), ("kl", "kl"),
+                                                             ("induce", "induce_score"))}
+    head_d = max(float(np.max(np.abs(head[v].values[m] - full[v].values[m]), initial=0.0))
+                 for v, m in head_masks.items())
+    (lb_ok, n_b), (hlb_ok, hn_b) = bounds_ok(lazy, 1e-12), bounds_ok(head, 1e-4)
+    same = hk[3] == chosen(full) == chosen(lazy) == chosen(head)
+    agree = (same and d["bypass"] <= 1e-4 and d["induce"] <= 1e-4 and d["kl"] <= 1e-4 and lazy_eq and lb_ok
+             and head_d <= 1e-4 and hlb_ok)
     print(f"\nagreement: same choice {same}; package all vs hooks max |d| bypass {d['bypass']:.2g}, induce "
           f"{d['induce']:.2g} log-odds, KL {d['kl']:.2g} nats (bound 1e-4 each); needed's "
-          + ", ".join(f"{int(m.sum())} {v}" for v, m in masks.items()) + f" scores equal all's: {lazy_eq}")
+          + ", ".join(f"{int(m.sum())} {v}" for v, m in masks.items()) + f" scores equal all's: {lazy_eq}; "
+          f"its {n_b} bounded KLs' lower bounds within [threshold, all's KL]: {lb_ok}")
+    print("agreement, needed+head: " + ", ".join(f"{int(m.sum())} {v}" for v, m in head_masks.items())
+          + f" scores within {head_d:.2g} of all's (bound 1e-4); {hn_b} bounded KLs within [threshold, all's "
+          f"KL + 1e-4]: {hlb_ok}; head check rel. err {head.attrs['head_check_rel_err']:.2g}, "
+          f"{head.attrs['n_head_prefills']} head prefills (batch 1)")
     below = int(full["pass_layer"].values.sum())
     print(f"(filters over the {full['passes'].size} candidates: {below} below the layer cut, "
           f"{int(full['pass_kl'].values.sum())} pass KL < {full.attrs['kl_threshold']}, "
@@ -195,11 +223,12 @@ def main(argv=None) -> int:
     w = {k: v[1] for k, v in res.items()}
     print(f"package all / hooks: cpu {t['package all'] / t['hooks']:.3f}x, wall {w['package all'] / w['hooks']:.3f}x "
           f"(equal work: {res['package all'][3]} vs {res['hooks'][3]} forwards)")
-    r_cpu, r_wall = t["hooks"] / t["package needed"], w["hooks"] / w["package needed"]
+    for k in ("package needed", "package needed+head"):
+        print(f"hooks / {k}: cpu {t['hooks'] / t[k]:.2f}x, wall {w['hooks'] / w[k]:.2f}x ({res['hooks'][3]} vs "
+              f"{res[k][3]} batch forwards)")
+    r_cpu = t["hooks"] / t["package needed+head"]
     good = agree and r_cpu >= TARGET
-    print(f"hooks / package needed: cpu {r_cpu:.2f}x, wall {r_wall:.2f}x ({res['hooks'][3]} vs "
-          f"{res['package needed'][3]} forwards)")
-    print(f"target: hooks / package needed >= {TARGET:g} (cpu) at the same choice: {'PASS' if good else 'FAIL'}")
+    print(f"target: hooks / package needed+head >= {TARGET:g} (cpu) at the same choice: {'PASS' if good else 'FAIL'}")
     print(f"overall: {'PASS' if good else 'FAIL'}")
     return 0 if good else 1
 

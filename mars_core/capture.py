@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import xarray as xr
 
+from .headshare import HEAD_RTOL
 from .errors import InputError, MarsError
 from .model import MarsModel, PromptBatch
 from .provenance import make_provenance, sha256_text
@@ -82,9 +83,6 @@ def _read(mm: MarsModel, batch: PromptBatch, layers: list[int], pos: tuple[int, 
     return [g.detach().cpu() for g in got]
 
 
-HEAD_RTOL = 1e-4
-"""Largest difference of a shared-head reading from the full forward's, relative to the largest
-activation of the layer, for the shared head to be used (`_read_local`)."""
 
 _HEAD_OK: "weakref.WeakKeyDictionary[Any, bool]" = weakref.WeakKeyDictionary()
 """model -> whether its shared-head reading matched a full forward (checked once per model)."""

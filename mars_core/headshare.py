@@ -26,6 +26,11 @@ import torch
 MIN_HEAD = 4
 """Shortest head worth a second trace (tokens)."""
 
+HEAD_RTOL = 1e-4
+"""Largest difference of a shared-head result from the full forward's (relative to the largest
+activation of the layer, or the largest logit) for the shared head to be used
+(`capture._read_local`, `selection.select_direction`)."""
+
 
 @dataclass(frozen=True)
 class HeadSplit:
@@ -93,11 +98,24 @@ def split_head(inputs: dict, need_tail: int, pad_id: int, min_head: int = MIN_HE
     return HeadSplit(head=first[:k].unsqueeze(0), rest=rest, mask=full_mask, position_ids=pos, k=k, seq_len=T)
 
 
-def head_cache(mm: Any, split: HeadSplit):
-    """The key/value cache of the head (one unsteered prefill of `[1, k]`), repeated for every row."""
+def head_prefill(mm: Any, split: HeadSplit, intervene: Any = None):
+    """The key/value cache of the head alone (one prefill of `[1, k]`, batch 1).
+
+    intervene: None (unsteered) or an `intervene(mm)` nnsight edit applied to the head's
+    prefill: the part of an edit that a full forward would apply at the head's columns (an
+    ablation at every position, an addition at every position; not a last-column edit)."""
     from .steering.sweep import _prefill
 
-    cache = _prefill(mm, {"input_ids": split.head, "attention_mask": torch.ones_like(split.head)})
+    return _prefill(mm, {"input_ids": split.head, "attention_mask": torch.ones_like(split.head)}, intervene)
+
+
+def head_cache(mm: Any, split: HeadSplit, intervene: Any = None, prefilled: Any = None):
+    """The head's key/value cache repeated for every row of `split`: from `prefilled` (a
+    `head_prefill` of the same head under the same edit, left untouched: it is copied) or from a
+    new prefill. A tail forward extends the cache it gets, so each forward needs its own."""
+    import copy
+
+    cache = copy.deepcopy(prefilled) if prefilled is not None else head_prefill(mm, split, intervene)
     cache.batch_repeat_interleave(split.n_rows)
     return cache
 

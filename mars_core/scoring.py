@@ -150,17 +150,23 @@ Intervene = Callable[[Any], None]
 such as `mm.layers[l].output[:] = ...`. It must touch layers in forward order."""
 
 
-def last_logits(mm: Any, batch: Any, intervene: Intervene | None = None, *, remote: bool = False) -> torch.Tensor:
+def last_logits(mm: Any, batch: Any, intervene: Intervene | None = None, *, remote: bool = False,
+                inputs: dict | None = None) -> torch.Tensor:
     """Next-token logits at the last prompt column, one trace: [batch, vocab] float32 on CPU.
 
     mm: MarsModel; batch: PromptBatch (left-padded, so column -1 is every row's last token);
     intervene: optional edit applied inside the same trace. remote: run on NDIF (the edit must
-    then use only torch and code registered with `nnsight.register`).
+    then use only torch and code registered with `nnsight.register`). inputs: what the trace
+    runs instead of `batch.inputs` (local only: a shared head's `headshare.tail_inputs`).
     """
     import nnsight
 
-    with torch.no_grad():
-        with mm.nn.trace(batch.inputs, remote=remote):
+    if inputs is not None and remote:
+        raise InputError("last_logits: inputs= (a shared head's tail) runs locally only; drop remote=True or inputs=")
+    with torch.no_grad(), warnings.catch_warnings():
+        # transformers 5.2x renames `past_key_values` (a FutureWarning per call); see steering.sweep
+        warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated.*")
+        with mm.nn.trace(batch.inputs if inputs is None else inputs, remote=remote):
             if intervene is not None:
                 intervene(mm)
             logits = nnsight.save(mm.logits_envoy.output[:, -1])

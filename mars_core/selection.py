@@ -27,10 +27,17 @@ n_harmless) prompt forwards for C candidates, and the Dataset holds the full sco
 scores="needed" computes only what the choice depends on, and chooses the same candidate: the
 bypass score of every candidate at a layer < the cut (every candidate if none is), then, in
 ascending bypass order (ties in (layer, pos) order), its KL and, only if the KL filter passes, its
-induce score, stopping at the first candidate that passes both. If none passes (the fallback),
-every candidate below the cut has had its KL scored. Unscored entries are NaN; `scored_bypass`,
-`scored_kl`, `scored_induce` say which were computed; attrs["n_forwards"] counts the batches run
-either way.
+induce score, stopping at the first candidate that passes both. The KL runs batch by batch and
+stops once the prompts scored so far prove the filter fails (per-prompt KL >= 0, so their sum /
+n_harmless bounds the mean from below; `bounded_kl`, `kl_lower_bound`): in the fallback every
+candidate below the cut has had its KL scored or bounded. Unscored entries are NaN;
+`scored_bypass`, `scored_kl`, `scored_induce` say which were computed in full; attrs["n_forwards"]
+counts the batches run either way.
+
+share_head=True runs each batch's shared chat-template head once per edit (batch 1) and the rows'
+rest over its key/value cache (`mars_core.headshare`): every forward of the selection gets
+cheaper by about the head's share of the tokens, with results equal to full forwards within
+float tolerance (checked once per call on the first harmless batch).
 
 All edits are nnsight edits inside one trace per batch (`mars_core.steering.baselines.ablate_direction`,
 `add_vector`).
@@ -45,10 +52,16 @@ import numpy as np
 import torch
 
 from .errors import InputError
+from .headshare import HEAD_RTOL
 from .provenance import make_provenance, sha256_text
 from .scoring import kl_divergence, last_logits, first_token_refusal_score, refusal_token_ids
 from .steering.baselines import ablate_direction, add_vector
 
+
+KL_SLACK = 1e-9
+"""Least per-prompt KL assumed for unscored prompts in a lazy KL bound (KL >= 0 up to rounding)."""
+KL_MARGIN = 1e-9
+"""A lazy KL bound must clear the threshold by this much before the remaining prompts are skipped."""
 
 # ---------------------------------------------------------------------- selection
 def _batches(mm: Any, prompts: list[str], batch_size: int) -> list[Any]:
@@ -120,12 +133,18 @@ def select_direction(
     include_embeddings: bool = True,
     batch_size: int = 8,
     scores: Literal["all", "needed"] = "all",
+    share_head: bool = False,
 ):
     """Score every candidate (layer, pos) and choose one (see module docstring).
 
     mm: MarsModel; directions: RefusalDirections of that model; harmful_val / harmless_val:
     held-out text instructions (not those used for extraction). layers / positions restrict the
     candidates (default: all extracted). refusal_ids default to `refusal_token_ids(mm.tokenizer)`.
+    share_head: run the tokens every prompt of a batch starts with (the chat template's head)
+    once per batch and edit, and each row's rest over its key/value cache (`mars_core.headshare`;
+    the head gets the part of the edit a full forward applies there). Equal to full forwards
+    within float tolerance, checked on the first harmless batch (a failed check warns and falls
+    back to full forwards); models headshare does not support run full forwards.
 
     Returns an xarray.Dataset with dims (layer, pos) [and harmful / harmless prompt dims]:
       bypass_score, induce_score, kl, direction_norm   float64 [layer, pos]
@@ -164,25 +183,69 @@ def select_direction(
 
     if scores not in ("all", "needed"):
         raise InputError(f"scores must be 'all' or 'needed', got {scores!r}")
+    from . import headshare
+
     hb = _batches(mm, harmful_val, batch_size)
     sb = _batches(mm, harmless_val, batch_size)
-    n_fwd = [0]
+    n_fwd, n_head = [0], [0]
+    share = bool(share_head) and headshare.supports(mm)
+    pad = mm.tokenizer.pad_token_id if mm.tokenizer.pad_token_id is not None else 0
 
-    def run(batches: list[Any], edit=None) -> tuple[np.ndarray, torch.Tensor]:
-        logits = torch.cat([last_logits(mm, b, edit) for b in batches])
-        n_fwd[0] += len(batches)
+    heads: dict = {}  # head tag -> {head tokens: the head's batch-1 cache}; the baseline and one edit kept
+
+    def forward(b, edit=None, head_edit=None, tag=None, shared=None) -> torch.Tensor:
+        """Last-column logits of batch b: full, or over its shared head, edited by head_edit.
+        tag names head_edit (None: unedited): batches with the same tag and head tokens reuse one
+        head prefill; a new tag drops the previous edit's heads."""
+        split = headshare.split_head(b.inputs, 1, pad) if (share if shared is None else shared) else None
+        n_fwd[0] += 1
+        if split is None:
+            return last_logits(mm, b, edit)
+        if tag not in heads:
+            for k in [k for k in heads if k is not None]:
+                del heads[k]
+            heads[tag] = {}
+        toks = tuple(split.head[0].tolist())
+        if toks not in heads[tag]:
+            n_head[0] += 1
+            if (head_edit is None) != (tag is None):
+                raise ValueError("select_direction: a head edit needs its tag and a tag its edit")  # a bug here
+            heads[tag][toks] = headshare.head_prefill(mm, split, head_edit)
+        cache = headshare.head_cache(mm, split, prefilled=heads[tag][toks])
+        return last_logits(mm, b, edit, inputs=headshare.tail_inputs(split, cache))
+
+    def run(batches: list[Any], edit=None, head_edit=None, tag=None) -> tuple[np.ndarray, torch.Tensor]:
+        logits = torch.cat([forward(b, edit, head_edit, tag) for b in batches])
         return first_token_refusal_score(logits, refusal_ids).numpy(), logits
+
+    head_err = None
+    if share:  # the shared head must match a full forward before anything is scored with it
+        got, ref = forward(sb[0]), forward(sb[0], shared=False)
+        head_err = float((got - ref).abs().max() / ref.abs().max().clamp(min=1e-12))
+        if n_head[0] == 0:
+            share = False  # nothing to share in these batches
+        elif head_err > HEAD_RTOL:
+            share = False
+            warnings.warn(
+                f"Direction selection: the shared-head forward differs from a full forward by {head_err:.3g} of "
+                f"the largest logit on {getattr(mm, 'model_id', 'this model')}; scoring with full forwards "
+                "(share_head=False skips the check)",
+                stacklevel=2,
+            )
 
     base_h, _ = run(hb)
     base_s, base_s_logits = run(sb)
+    s_rows = np.cumsum([0] + [int(b.inputs["input_ids"].shape[0]) for b in sb])
 
     L, P = len(cand_layers), len(cand_pos)
     nan = np.nan if scores == "needed" else 0.0
     bypass_p = np.full((L, P, len(harmful_val)), nan)
     induce_p = np.full((L, P, len(harmless_val)), nan)
     kl_p = np.full((L, P, len(harmless_val)), nan)
-    scored_b, scored_k, scored_i = (np.zeros((L, P), bool) for _ in range(3))
+    kl_bound = np.full((L, P), np.nan)
+    scored_b, scored_k, scored_i, bounded_k = (np.zeros((L, P), bool) for _ in range(4))
     norms = np.array([[float(directions.direction(l, p, unit=False).norm()) for p in cand_pos] for l in cand_layers])
+    n_s = len(harmless_val)
 
     def abl_edit(i, j):
         r = directions.direction(cand_layers[i], cand_pos[j], unit=True)
@@ -190,23 +253,43 @@ def select_direction(
 
     def score_bypass(i, j):
         scored_b[i, j] = True
-        bypass_p[i, j] = base_h if norms[i, j] == 0 else run(hb, abl_edit(i, j))[0]
+        if norms[i, j] == 0:
+            bypass_p[i, j] = base_h
+        else:
+            edit = abl_edit(i, j)
+            bypass_p[i, j] = run(hb, edit, edit, ("ablate", i, j))[0]
+
+    def score_kl(i, j, lazy: bool) -> None:
+        """KL under the ablation, batch by batch; when lazy, stop as soon as the prompts scored
+        so far prove the mean fails the filter (each KL >= 0, so their sum / n_harmless is a
+        lower bound on the mean)."""
+        edit = abl_edit(i, j)
+        for bi, b in enumerate(sb):
+            lo, hi = s_rows[bi], s_rows[bi + 1]
+            kl_p[i, j, lo:hi] = kl_divergence(base_s_logits[lo:hi], forward(b, edit, edit, ("ablate", i, j))).numpy()
+            if lazy and hi < n_s:
+                bound = (float(kl_p[i, j, :hi].sum()) - (n_s - hi) * KL_SLACK) / n_s
+                if bound >= kl_threshold + KL_MARGIN:
+                    bounded_k[i, j], kl_bound[i, j] = True, bound
+                    return
+        scored_k[i, j] = True
 
     def score_filters(i, j, lazy=False):
         """KL, then the induce score (skipped when lazy and the KL filter already failed)."""
-        scored_k[i, j] = True
         if norms[i, j] == 0:
-            scored_i[i, j] = True
+            scored_k[i, j] = scored_i[i, j] = True
             induce_p[i, j], kl_p[i, j] = base_s, 0.0
             return
-        l, v = cand_layers[i], directions.direction(cand_layers[i], cand_pos[j], unit=False)
-        _, lg_s = run(sb, abl_edit(i, j))
-        kl_p[i, j] = kl_divergence(base_s_logits, lg_s).numpy()
-        if lazy and not kl_p.mean(-1)[i, j] < kl_threshold:
+        score_kl(i, j, lazy)
+        if lazy and not (scored_k[i, j] and kl_p.mean(-1)[i, j] < kl_threshold):
             return
         scored_i[i, j] = True
-        induce_p[i, j] = run(sb, lambda m: add_vector(m.layers, v, l, positions=induce_positions,
-                                                     coeff=induce_coeff))[0]
+        l, v = cand_layers[i], directions.direction(cand_layers[i], cand_pos[j], unit=False)
+        edit = lambda m: add_vector(m.layers, v, l, positions=induce_positions, coeff=induce_coeff)  # noqa: E731
+        if induce_positions == "all":
+            induce_p[i, j] = run(sb, edit, edit, ("add", i, j))[0]
+        else:  # a last-column edit leaves the head as the baseline ran it
+            induce_p[i, j] = run(sb, edit)[0]
 
     cells = [(i, j) for i in range(L) for j in range(P)]
     if scores == "all":
@@ -221,7 +304,7 @@ def select_direction(
         b_mean = bypass_p.mean(-1)  # the same reductions choose_candidate sees
         for i, j in sorted(first, key=lambda c: (b_mean[c], c)):
             score_filters(i, j, lazy=True)
-            if kl_p.mean(-1)[i, j] < kl_threshold and induce_p.mean(-1)[i, j] > induce_threshold:
+            if scored_k[i, j] and kl_p.mean(-1)[i, j] < kl_threshold and induce_p.mean(-1)[i, j] > induce_threshold:
                 break
 
     bypass, induce, kl = bypass_p.mean(-1), induce_p.mean(-1), kl_p.mean(-1)
@@ -250,6 +333,10 @@ def select_direction(
         include_embeddings=int(include_embeddings),
         scores=scores,
         n_forwards=int(n_fwd[0]),
+        share_head=int(bool(share_head)),
+        n_head_prefills=int(n_head[0]),
+        head_check_rel_err=-1.0 if head_err is None else head_err,
+        n_kl_bounded=int(bounded_k.sum()),
         refusal_ids=refusal_ids,
         harmful_val_sha256=sha256_text(harmful_val),
         harmless_val_sha256=sha256_text(harmless_val),
@@ -273,6 +360,8 @@ def select_direction(
         "scored_bypass": (lp, scored_b, "1", "bypass score computed (scores='needed' skips some)"),
         "scored_kl": (lp, scored_k, "1", "KL computed (scores='needed' skips some)"),
         "scored_induce": (lp, scored_i, "1", "induce score computed (scores='needed' skips some)"),
+        "bounded_kl": (lp, bounded_k, "1", "KL stopped early: the prompts scored prove it fails the filter"),
+        "kl_lower_bound": (lp, kl_bound, "nats", "lower bound on kl where bounded_kl (NaN elsewhere)"),
         "baseline_harmful": (("harmful",), base_h, logodds, "refusal score of harmful prompts, no edit"),
         "baseline_harmless": (("harmless",), base_s, logodds, "refusal score of harmless prompts, no edit"),
     }

@@ -276,6 +276,7 @@ def test_needed_scores_choose_as_all_scores(kw):
         np.testing.assert_array_equal(lazy[v].values[m], full[v].values[m])
         assert np.isnan(lazy[v].values[~m]).all(), v
     np.testing.assert_array_equal(si, sk & full["pass_kl"].values)  # induce only after a passing KL
+    assert not lazy["bounded_kl"].values.any()  # one harmless batch: nothing to skip
     if full.attrs["fallback"]:
         np.testing.assert_array_equal(sk, below)  # nothing passed: every KL below the cut was tried
     else:  # every candidate with a lower bypass than the choice was tried and failed, then nothing
@@ -299,3 +300,87 @@ def test_scores_mode_is_checked():
     rd = RefusalDirections.extract(mm, HARMFUL[:1], HARMLESS[:1], layers=[0])
     with pytest.raises(InputError, match="scores must be"):
         select_direction(mm, rd, HARMFUL, HARMLESS, scores="some")
+
+
+@pytest.mark.parametrize("quantile", [None, 0.5])
+def test_needed_kl_stops_at_a_proven_failure(quantile):
+    """With two harmless batches, scores="needed" stops a candidate's KL after the first batch when
+    that batch alone proves the mean fails the filter: the bound is below the full KL and at least
+    the threshold, the choice is the same, and the skipped batches are not run.
+    quantile None: kl_threshold=-1 (every bound fails at once); 0.5: the median over the candidates
+    below the cut of the first batch's bound, with no induce score passing (the fallback: every KL
+    is scored or bounded, and exactly the candidates whose first batch clears it are bounded)."""
+    tiny = build_tiny("llama")
+    mm = load_model(tiny.model, tiny.tokenizer)
+    rd = RefusalDirections.extract(mm, HARMFUL, HARMLESS)
+    args = (mm, rd, HARMFUL[:2], HARMLESS)
+    with _maybe_warn():
+        full0 = select_direction(*args, batch_size=2)
+        below = (full0.layer < 3).broadcast_like(full0["kl"]).values
+        first = full0["kl_prompt"].values[..., :2].sum(-1) / 4  # [layer, pos]
+        thr = -1.0 if quantile is None else float(np.quantile(first[below], quantile)) - 1e-6
+        kw = dict(batch_size=2, kl_threshold=thr, induce_threshold=-1e9 if quantile is None else 1e9)
+        full = select_direction(*args, **kw)
+        lazy = select_direction(*args, scores="needed", **kw)
+    assert chosen(lazy) == chosen(full) and lazy.attrs["fallback"] == full.attrs["fallback"]
+    bk, sk = lazy["bounded_kl"].values, lazy["scored_kl"].values
+    assert not (bk & sk).any()
+    assert bk.any(), "some KL should have been bounded after its first batch"
+    lb, kl = lazy["kl_lower_bound"].values, full["kl"].values
+    assert (lb[bk] <= kl[bk] + 1e-12).all() and (lb[bk] >= thr).all()
+    assert np.isnan(lb[~bk]).all() and np.isnan(lazy["kl"].values[bk]).all()
+    # the bound is the first batch's KL sum over all four prompts, less the rounding slack of the other two
+    from mars_core.selection import KL_SLACK
+
+    want = (full["kl_prompt"].values[..., :2].sum(-1)[bk] - 2 * KL_SLACK) / 4
+    np.testing.assert_allclose(lb[bk], want, atol=1e-15, rtol=1e-12)
+    np.testing.assert_array_equal(lazy["kl_prompt"].values[bk][:, :2], full["kl_prompt"].values[bk][:, :2])
+    if quantile is None:
+        np.testing.assert_array_equal(bk, below)  # every candidate below the cut fails after one batch
+    else:  # the fallback: every KL below the cut scored in full or bounded
+        assert full.attrs["fallback"] and not sk.all()
+        np.testing.assert_array_equal(bk | sk, below)
+        np.testing.assert_array_equal(bk, below & (first >= thr + 1e-6 / 2))
+    n_kl_batches = 2 * int(sk.sum()) + int(bk.sum())
+    assert lazy.attrs["n_forwards"] == 3 + int(lazy["scored_bypass"].values.sum()) + n_kl_batches + \
+        2 * int(lazy["scored_induce"].values.sum())
+    assert lazy.attrs["n_kl_bounded"] == int(bk.sum())
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("induce_positions", ["all", "last"])
+def test_share_head_selection_equals_full_forwards(family, induce_positions):
+    """share_head=True: every score within float tolerance of full forwards (the head's cache is
+    computed under the ablation / addition a full forward applies there), the same choice."""
+    tiny = build_tiny(family)
+    mm = load_model(tiny.model, tiny.tokenizer)
+    rd = RefusalDirections.extract(mm, HARMFUL, HARMLESS)
+    kw = dict(batch_size=2, induce_positions=induce_positions, induce_coeff=4.0)
+    with _maybe_warn():
+        full = select_direction(mm, rd, HARMFUL[:3], HARMLESS, **kw)
+        shared = select_direction(mm, rd, HARMFUL[:3], HARMLESS, share_head=True, **kw)
+    assert 0 <= shared.attrs["head_check_rel_err"] <= 1e-4
+    # one head prefill for the baseline, then per candidate one under its ablation (shared by the
+    # bypass and KL batches) and, for an every-position addition, one under it
+    n_cand = full.sizes["layer"] * full.sizes["pos"]
+    assert shared.attrs["n_head_prefills"] == 1 + (2 if induce_positions == "all" else 1) * n_cand
+    assert full.attrs["n_head_prefills"] == 0 and shared.attrs["share_head"] == 1
+    for v in ("bypass_prompt", "induce_prompt", "kl_prompt", "baseline_harmful", "baseline_harmless"):
+        np.testing.assert_allclose(shared[v].values, full[v].values, atol=2e-5, rtol=0, err_msg=v)
+    # the edits move the scores far more than the tolerance, so an unedited head would show
+    assert float(np.abs(full["induce_prompt"].values - full["baseline_harmless"].values).max()) > 1e-2
+    assert chosen(shared) == chosen(full)
+
+
+def test_share_head_selection_falls_back_on_a_failed_check(monkeypatch):
+    import mars_core.selection as sel
+
+    tiny = build_tiny("llama")
+    mm = load_model(tiny.model, tiny.tokenizer)
+    rd = RefusalDirections.extract(mm, HARMFUL, HARMLESS, layers=[0, 1])
+    monkeypatch.setattr(sel, "HEAD_RTOL", -1.0)  # no forward can pass
+    with pytest.warns(UserWarning, match="shared-head forward differs"):
+        ds = select_direction(mm, rd, HARMFUL[:2], HARMLESS[:2], batch_size=2, share_head=True)
+    full = select_direction(mm, rd, HARMFUL[:2], HARMLESS[:2], batch_size=2)
+    assert ds.attrs["n_head_prefills"] == 1  # the check only
+    np.testing.assert_array_equal(ds["bypass_prompt"].values, full["bypass_prompt"].values)

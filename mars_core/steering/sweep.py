@@ -194,12 +194,15 @@ class PrefixStore:
 
 # The traces live in module functions whose frames hold no PrefixCache: a remote request pickles
 # the frame's values (and code by value), and the cache object's module state must not travel.
-def _prefill(mm: Any, pre: dict):
-    """The unsteered key/value cache of `pre` (the prompt minus its last token)."""
+def _prefill(mm: Any, pre: dict, intervene: Any = None):
+    """The key/value cache of `pre` (the prompt minus its last token): unsteered, or with
+    `intervene(mm)` (an nnsight edit, layers in forward order) applied inside the trace."""
     import nnsight
 
     with torch.no_grad():
         with mm.nn.trace(pre, use_cache=True):
+            if intervene is not None:
+                intervene(mm)
             cache = nnsight.save(mm.nn.output.past_key_values)
     return cache
 
