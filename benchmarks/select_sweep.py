@@ -42,6 +42,7 @@ package needed+head >= 5 on the cpu clock at the same choice. Also printed: pack
 
     python benchmarks/select_sweep.py --quick    # layers 0,3,...,27, 8 + 8 prompts, batches of 4 (a few minutes)
     python benchmarks/select_sweep.py            # every layer, 32 + 32 prompts, batches of 8
+    python benchmarks/select_sweep.py --skip-all # the same without package all (checked against the hooks)
 """
 
 from __future__ import annotations
@@ -129,6 +130,8 @@ def main(argv=None) -> int:
     ap.add_argument("--n", type=int, default=None, help="validation prompts per side (quick 8, full 32)")
     ap.add_argument("--layers", default=None, help="candidate layers (quick 0,3,...,27; full every layer)")
     ap.add_argument("--batch-size", type=int, default=None, help="prompts per batch (quick 4, full 8)")
+    ap.add_argument("--skip-all", action="store_true",
+                    help="do not run package all (the needed variants are then checked against the hooks' maps)")
     a = ap.parse_args(argv)
     n = a.n or (8 if a.quick else 32)
     a.batch_size = a.batch_size or (4 if a.quick else 8)
@@ -141,7 +144,7 @@ def main(argv=None) -> int:
     from mars_core.model import _get_path
     from mars_core.organism.smol.load import load_smol
     from mars_core.scoring import refusal_token_ids
-    from mars_core.selection import chosen, select_direction
+    from mars_core.selection import choose_candidate, chosen, select_direction
     from organism_setup import smol_setup
 
     mm, s, dirs = smol_setup("select_sweep")
@@ -165,7 +168,8 @@ def main(argv=None) -> int:
                                 batch_size=a.batch_size, scores=scores, share_head=share_head)
 
     res = {}
-    for name in ("hooks", "package all", "package needed", "package needed+head"):
+    variants = ("hooks",) + (() if a.skip_all else ("package all",)) + ("package needed", "package needed+head")
+    for name in variants:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             c0, t0 = time.process_time(), time.perf_counter()
@@ -182,47 +186,54 @@ def main(argv=None) -> int:
         print(f"  {name}: {res[name][1]:.1f} s wall, {res[name][2]:.1f} s cpu, {n_fwd} batch forwards; "
               f"chose layer {ch[0]}, position {ch[1]}", flush=True)
 
-    hk, full, lazy, head = (res[k][0] for k in ("hooks", "package all", "package needed", "package needed+head"))
-    d = {k: float(np.max(np.abs(full[v].values - hk[i]))) for i, (k, v) in
-         enumerate([("bypass", "bypass_score"), ("induce", "induce_score"), ("kl", "kl")])}
-    masks = {v: lazy[f"scored_{k}"].values for k, v in (("bypass", "bypass_score"), ("kl", "kl"),
-                                                          ("induce", "induce_score"))}
-    lazy_eq = all(np.array_equal(lazy[v].values[m], full[v].values[m]) for v, m in masks.items())
-    thr = float(full.attrs["kl_threshold"])
+    hk, lazy, head = res["hooks"][0], res["package needed"][0], res["package needed+head"][0]
+    full = res["package all"][0] if "package all" in res else None
+    names = ("bypass_score", "induce_score", "kl")
+    hk_maps = dict(zip(names, hk[:3]))
+    # the reference every package variant is checked against: package all (exact for needed), or
+    # with --skip-all the hooks' maps (within the float bound)
+    ref = {v: full[v].values for v in names} if full is not None else hk_maps
+    ref_name, exact_tol = ("all's", 0.0) if full is not None else ("the hooks'", 1e-4)
+    ch = choose_candidate(ref["bypass_score"], ref["induce_score"], ref["kl"], layers, mm.n_layers)
+    d = {}
+    if full is not None:
+        d = {k: float(np.max(np.abs(full[v].values - hk_maps[v]))) for k, v in
+             zip(("bypass", "induce", "kl"), names)}
+    thr = float(lazy.attrs["kl_threshold"])
 
-    def bounds_ok(ds, tol):
+    def check(ds, tol):
+        """(scored counts, max |d| of scored entries from ref, bounded KLs ok, n bounded)"""
+        m = {v: ds[f"scored_{k}"].values for k, v in zip(("bypass", "kl", "induce"), ("bypass_score", "kl",
+                                                                                    "induce_score"))}
+        dd = max(float(np.max(np.abs(ds[v].values[mk] - ref[v][mk]), initial=0.0)) for v, mk in m.items())
         bk = ds["bounded_kl"].values
         lb = ds["kl_lower_bound"].values[bk]
-        return bool(((lb >= thr) & (lb <= full["kl"].values[bk] + tol)).all()), int(bk.sum())
+        ok = bool(((lb >= thr) & (lb <= ref["kl"][bk] + tol + 1e-12)).all())
+        return {v: int(mk.sum()) for v, mk in m.items()}, dd, ok, int(bk.sum())
 
-    head_masks = {v: head[f"scored_{k}"].values for k, v in (("bypass", "bypass_score"), ("kl", "kl"),
-                                                             ("induce", "induce_score"))}
-    head_d = max(float(np.max(np.abs(head[v].values[m] - full[v].values[m]), initial=0.0))
-                 for v, m in head_masks.items())
-    (lb_ok, n_b), (hlb_ok, hn_b) = bounds_ok(lazy, 1e-12), bounds_ok(head, 1e-4)
-    same = hk[3] == chosen(full) == chosen(lazy) == chosen(head)
-    agree = (same and d["bypass"] <= 1e-4 and d["induce"] <= 1e-4 and d["kl"] <= 1e-4 and lazy_eq and lb_ok
-             and head_d <= 1e-4 and hlb_ok)
-    print(f"\nagreement: same choice {same}; package all vs hooks max |d| bypass {d['bypass']:.2g}, induce "
-          f"{d['induce']:.2g} log-odds, KL {d['kl']:.2g} nats (bound 1e-4 each); needed's "
-          + ", ".join(f"{int(m.sum())} {v}" for v, m in masks.items()) + f" scores equal all's: {lazy_eq}; "
-          f"its {n_b} bounded KLs' lower bounds within [threshold, all's KL]: {lb_ok}")
-    print("agreement, needed+head: " + ", ".join(f"{int(m.sum())} {v}" for v, m in head_masks.items())
-          + f" scores within {head_d:.2g} of all's (bound 1e-4); {hn_b} bounded KLs within [threshold, all's "
-          f"KL + 1e-4]: {hlb_ok}; head check rel. err {head.attrs['head_check_rel_err']:.2g}, "
+    same = hk[3] == chosen(lazy) == chosen(head) and (full is None or chosen(full) == hk[3])
+    (ln, ld, lok, lnb), (hn, hd, hok, hnb) = check(lazy, exact_tol), check(head, 1e-4)
+    agree = same and all(x <= 1e-4 for x in d.values()) and ld <= exact_tol and lok and hd <= 1e-4 and hok
+    print("\nagreement: same choice " + str(same) + ("; package all vs hooks max |d| bypass {bypass:.2g}, induce "
+          "{induce:.2g} log-odds, KL {kl:.2g} nats (bound 1e-4 each)".format(**d) if d else "; package all skipped"))
+    for nm, (cnt, dd, ok, nb), tol in (("needed", (ln, ld, lok, lnb), exact_tol), ("needed+head", (hn, hd, hok, hnb), 1e-4)):
+        print(f"agreement, {nm}: " + ", ".join(f"{c} {v}" for v, c in cnt.items()) + f" scores within {dd:.2g} of "
+              f"{ref_name} (bound {tol:g}); {nb} KLs bounded early, bounds within [threshold, {ref_name} KL"
+              f"{' + 1e-4' if tol else ''}]: {ok}")
+    print(f"needed+head: head check rel. err {head.attrs['head_check_rel_err']:.2g}, "
           f"{head.attrs['n_head_prefills']} head prefills (batch 1)")
-    below = int(full["pass_layer"].values.sum())
-    print(f"(filters over the {full['passes'].size} candidates: {below} below the layer cut, "
-          f"{int(full['pass_kl'].values.sum())} pass KL < {full.attrs['kl_threshold']}, "
-          f"{int(full['pass_induce'].values.sum())} pass induce > {full.attrs['induce_threshold']}, "
-          f"{int(full['passes'].values.sum())} pass all)")
-    fb = full.attrs.get("fallback", "")
-    print(f"(choice: {'FALLBACK: ' + fb if fb else 'passes every filter'}; {full.attrs['n_passing']} of "
-          f"{full['passes'].size} candidates pass)")
+    below = int(ch["pass_layer"].sum())
+    print(f"(filters over the {ch['passes'].size} candidates, from {ref_name} maps: {below} below the layer cut, "
+          f"{int(ch['pass_kl'].sum())} pass KL < {thr}, {int(ch['pass_induce'].sum())} pass induce > "
+          f"{lazy.attrs['induce_threshold']}, {int(ch['passes'].sum())} pass all)")
+    fb = lazy.attrs.get("fallback", "")
+    print(f"(choice: {'FALLBACK: ' + fb if fb else 'passes every filter'}; {int(ch['passes'].sum())} of "
+          f"{ch['passes'].size} candidates pass)")
     t = {k: v[2] for k, v in res.items()}
     w = {k: v[1] for k, v in res.items()}
-    print(f"package all / hooks: cpu {t['package all'] / t['hooks']:.3f}x, wall {w['package all'] / w['hooks']:.3f}x "
-          f"(equal work: {res['package all'][3]} vs {res['hooks'][3]} forwards)")
+    if full is not None:
+        print(f"package all / hooks: cpu {t['package all'] / t['hooks']:.3f}x, wall "
+              f"{w['package all'] / w['hooks']:.3f}x (equal work: {res['package all'][3]} vs {res['hooks'][3]} forwards)")
     for k in ("package needed", "package needed+head"):
         print(f"hooks / {k}: cpu {t['hooks'] / t[k]:.2f}x, wall {w['hooks'] / w[k]:.2f}x ({res['hooks'][3]} vs "
               f"{res[k][3]} batch forwards)")
