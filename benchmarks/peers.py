@@ -35,7 +35,7 @@ warm-up (the first call, which also gives the output), both clocks (wall: perf_c
 process_time), median of the per-repetition ratios. Memory: the runner's peak RSS during the
 first extraction above its RSS before it, and the process's ru_maxrss.
 
-Job **steer**: greedy generation (quick 8 prompts x 16 tokens, full 16 x 32, min_new_tokens equal
+Job **steer**: greedy generation (quick 4 prompts x 8 tokens, full 16 x 32, min_new_tokens equal
 to max_new_tokens) of held-out harmless requests with a fixed vector (the package's mean
 difference at --steer-layer, position -1) added to that layer's output at the last column: at the
 prefill only ("first": the first generated token; the package's `ActAdd(scope="first")`) and at
@@ -58,7 +58,7 @@ or raw-hook re-implementation in one process): fit MARS `benchmarks/fit_sweeps.p
 
 Usage:
     bash benchmarks/peers/setup.sh                 # once: the peers' environments
-    python benchmarks/peers.py --quick             # extract 32 + 32 prompts, 3 reps; steer 8 x 16, 2 reps
+    python benchmarks/peers.py --quick             # extract 16 + 16 prompts, 3 reps; steer 4 x 8, 2 reps
     python benchmarks/peers.py                     # extract 256 + 256 prompts, 5 reps; steer 16 x 32, 5 reps
     python benchmarks/peers.py --model llava --n 64 --reps 3   # extract with images at ~200M
 Options: --model {smol,llava}, --jobs extract,steer, --n N (prompts per side), --reps N, --batch-size N, --tools a,b,
@@ -211,8 +211,8 @@ def run_tool(name: str, job: str, spec_path: Path, out_dir: Path, timeout: float
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="32 + 32 prompts, 3 repetitions")
-    ap.add_argument("--n", type=int, default=None, help="prompts per side (quick 32, full 256)")
+    ap.add_argument("--quick", action="store_true", help="extract 16 + 16 prompts, steer 4 x 8 tokens: a check that every tool runs and agrees (~7 min)")
+    ap.add_argument("--n", type=int, default=None, help="prompts per side (quick 16, full 256)")
     ap.add_argument("--reps", type=int, default=None, help="timed repetitions after the warm-up (quick 3, full 5)")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--tools", default=",".join(TOOLS), help="comma-separated subset of " + ",".join(TOOLS))
@@ -220,8 +220,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="folder for the JSON results and directions")
     ap.add_argument("--timeout", type=float, default=1800.0, help="seconds per tool process")
     ap.add_argument("--jobs", default="extract,steer", help="comma-separated: extract, steer")
-    ap.add_argument("--steer-prompts", type=int, default=None, help="steer: prompts (quick 8, full 16)")
-    ap.add_argument("--steer-tokens", type=int, default=None, help="steer: new tokens (quick 16, full 32)")
+    ap.add_argument("--steer-prompts", type=int, default=None, help="steer: prompts (quick 4, full 16)")
+    ap.add_argument("--steer-tokens", type=int, default=None, help="steer: new tokens (quick 8, full 32)")
     ap.add_argument("--steer-layer", type=int, default=15, help="steer: the decoder layer edited")
     ap.add_argument("--diagnose", action="store_true", help="extract: also time the package's per-batch trace alone")
     ap.add_argument("--model", choices=("smol", "llava"), default="smol",
@@ -231,7 +231,7 @@ def main(argv=None) -> int:
     jobs = [j.strip() for j in a.jobs.split(",") if j.strip()]
     if not set(jobs) <= {"extract", "steer"}:
         ap.error(f"--jobs {a.jobs}: choose from extract, steer")
-    n = a.n or (32 if a.quick else 256)
+    n = a.n or (16 if a.quick else 256)
     reps = a.reps or (3 if a.quick else 5)
     tools = [t.strip() for t in a.tools.split(",") if t.strip()]
     unknown = [t for t in tools if t not in TOOLS]
@@ -384,8 +384,8 @@ def job_steer(a, tools, model_dir, out_dir, mars_extract, info) -> bool:
     import mars_core
     from common import load_directions
 
-    k = a.steer_tokens or (16 if a.quick else 32)
-    n_p = a.steer_prompts or (8 if a.quick else 16)
+    k = a.steer_tokens or (8 if a.quick else 32)
+    n_p = a.steer_prompts or (4 if a.quick else 16)
     reps = a.reps or (2 if a.quick else 5)
     md, layers, positions = load_directions(mars_extract["directions"])
     layer = a.steer_layer % info["n_layers"]
